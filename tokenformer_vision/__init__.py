@@ -1,12 +1,25 @@
 """tokenformer_vision: TokenFormer (Pattention) vision transformers for timm, Lightning and torchvision.
 
-Importing the package registers ``tokenformer_tiny/small/base/large`` with timm.
+Importing the package registers ``tokenformer_tiny/small/base/large`` with timm. The training, growth,
+detection and export parts load lazily on first use, so ``import tokenformer_vision`` stays as cheap as timm.
 """
+
+from importlib import import_module
+from typing import Any
 
 from .model import TokenFormerViT, checkpoint_filter_fn, token_counts_from_state_dict
 from .pattention import Pattention, pattention_normalize
 
 __version__ = "0.1.0"
+
+# public name -> submodule that defines it (imported on first attribute access)
+_LAZY = {
+    "ImageClassifier": ".classifier",
+    "ImageFolderDataModule": ".data",
+    "ImageNetDataModule": ".data",
+    "DigitsDataModule": ".data",
+    "GrowthCallback": ".growth",
+}
 
 __all__ = [
     "Pattention",
@@ -14,4 +27,17 @@ __all__ = [
     "checkpoint_filter_fn",
     "pattention_normalize",
     "token_counts_from_state_dict",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
