@@ -16,9 +16,14 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import (
+    PatchEmbed,
+    register_notrace_function,
+    register_notrace_module,
+    resample_abs_pos_embed,
+    trunc_normal_,
+)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
@@ -27,7 +32,34 @@ from torch import nn
 from .layers import PattentionPatchEmbed, TokenFormerBlock
 from .pattention import Pattention, default_value_std
 
-__all__ = ["TokenFormerViT", "token_counts_from_state_dict", "checkpoint_filter_fn"]
+__all__ = ["TokenFormerViT", "token_counts_from_state_dict", "checkpoint_filter_fn", "check_image_input"]
+
+# A Pattention validates its input and normalises in fp32: FX feature extraction keeps it as one leaf call.
+register_notrace_module(Pattention)
+
+
+@register_notrace_function  # data-dependent checks: FX tracing treats this call as a leaf
+def check_image_input(x: torch.Tensor, in_chans: int, img_size: tuple[int, int] | None, patch_size: tuple[int, int],
+                      dynamic_img_size: bool, dynamic_img_pad: bool) -> None:
+    """Raise a ValueError naming the problem when ``x`` is not an image batch the model can take."""
+    if x.ndim != 4:
+        raise ValueError(f"expected a batch of images [B, C, H, W], got a tensor of shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"expected {in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
+            f"build the model with in_chans={x.shape[1]} to change it"
+        )
+    size = tuple(x.shape[-2:])
+    if not dynamic_img_size and img_size is not None and size != tuple(img_size):
+        raise ValueError(
+            f"input size {size} does not match the model's img_size {tuple(img_size)}; "
+            "build with dynamic_img_size=True to accept any size, or call set_input_size()"
+        )
+    if dynamic_img_size and not dynamic_img_pad and (size[0] % patch_size[0] or size[1] % patch_size[1]):
+        raise ValueError(
+            f"input size {size} is not a multiple of the patch size {tuple(patch_size)}; "
+            "build with dynamic_img_pad=True to pad it"
+        )
 
 
 class TokenFormerViT(nn.Module):
@@ -115,7 +147,7 @@ class TokenFormerViT(nn.Module):
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
         value_std = default_value_std(depth, embed_dim)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 0 else []
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # python floats: works on meta too
         self.blocks = nn.Sequential(*[
             TokenFormerBlock(
                 embed_dim, num_heads, attn_tokens, ffn_tokens, attn_drop=attn_drop_rate,
@@ -224,28 +256,6 @@ class TokenFormerViT(nn.Module):
             block.grow(attn_tokens, ffn_tokens, new_parameters=new_parameters)
 
     # ------------------------------------------------------------------------------------------- forward
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"expected a batch of images [B, C, H, W], got a tensor of shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
-                f"build the model with in_chans={x.shape[1]} to change it"
-            )
-        img_size = self.patch_embed.img_size
-        if not self.dynamic_img_size and tuple(x.shape[-2:]) != tuple(img_size):
-            raise ValueError(
-                f"input size {tuple(x.shape[-2:])} does not match the model's img_size {tuple(img_size)}; "
-                "build with dynamic_img_size=True to accept any size, or call set_input_size()"
-            )
-        patch = self.patch_embed.patch_size
-        if self.dynamic_img_size and not self.patch_embed.dynamic_img_pad and (
-                x.shape[-2] % patch[0] or x.shape[-1] % patch[1]):
-            raise ValueError(
-                f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {tuple(patch)}; "
-                "build with dynamic_img_pad=True to pad it"
-            )
-
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_img_size:
             B, H, W, C = x.shape
@@ -259,7 +269,8 @@ class TokenFormerViT(nn.Module):
         return self.pos_drop(x + pos_embed)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        check_image_input(x, self.in_chans, self.patch_embed.img_size, self.patch_embed.patch_size,
+                          self.dynamic_img_size, self.patch_embed.dynamic_img_pad)
         return self._pos_embed(self.patch_embed(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -323,7 +334,7 @@ class TokenFormerViT(nn.Module):
             H, W = self.patch_embed.dynamic_feat_size((height, width))
             intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
         if return_prefix_tokens:
-            intermediates = list(zip(intermediates, prefix))
+            intermediates = list(zip(intermediates, prefix, strict=True))
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
