@@ -28,14 +28,14 @@ def default_value_std(depth: int, dim: int) -> float:
 
 
 def pattention_normalize(scores: torch.Tensor, tau: torch.Tensor | float, eps: float = 1e-6) -> torch.Tensor:
-    """GeLU(τ · A / max(‖A‖₂, eps)) over the last axis, computed in fp32, returned in ``scores.dtype``.
+    """GeLU(τ · A / max(‖A‖₂, eps)) over the last axis, computed in (at least) fp32, returned in ``scores.dtype``.
 
     The norm runs in fp32 because a bf16/fp16 sum of squares over thousands of tokens loses the precision the
     normalisation depends on (the official JAX port saw NaN losses in fp16); ``eps`` keeps an all-zero row finite.
     """
-    scores32 = scores.float()
-    norm = torch.linalg.vector_norm(scores32, dim=-1, keepdim=True).clamp_min(eps)
-    return F.gelu(scores32 * (tau / norm)).to(scores.dtype)
+    wide = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp16/bf16 -> fp32; fp64 stays fp64
+    norm = torch.linalg.vector_norm(wide, dim=-1, keepdim=True).clamp_min(eps)
+    return F.gelu(wide * (tau / norm)).to(scores.dtype)
 
 
 class Pattention(nn.Module):
