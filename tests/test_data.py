@@ -1,0 +1,359 @@
+"""Tests of tokenformer_vision.data: transforms, image folders, skipping, worker reseeding, digits."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    IMAGEFOLDER_CLASSES,
+    IMAGEFOLDER_CORRUPT,
+    IMAGEFOLDER_TRAIN_PER_CLASS,
+    IMAGEFOLDER_VAL_PER_CLASS,
+    make_imagefolder,
+    write_image,
+)
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader
+
+from tokenformer_vision.data import (
+    DigitsDataModule,
+    ImageFileDataset,
+    ImageFolderDataModule,
+    ImageNetDataModule,
+    build_transforms,
+    collate_skip_none,
+    load_digits_rgb,
+    load_rgb,
+    rand_augment_policy,
+    reseed_transform,
+    resolve_transform_config,
+)
+
+N_TRAIN = IMAGEFOLDER_TRAIN_PER_CLASS * len(IMAGEFOLDER_CLASSES)
+N_VAL = IMAGEFOLDER_VAL_PER_CLASS * len(IMAGEFOLDER_CLASSES)
+
+
+def small_dm(root, **kwargs) -> ImageFolderDataModule:
+    kwargs = {"img_size": 32, "batch_size": 5, "num_workers": 0, **kwargs}
+    return ImageFolderDataModule(str(root), **kwargs)
+
+
+def drain(loader) -> list:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [batch for batch in loader if batch is not None]
+
+
+# ---------------------------------------------------------------------------------------------------- transforms
+def test_eval_transform_normalises_a_constant_image_exactly():
+    img = np.empty((50, 70, 3), np.uint8)
+    img[...] = (200, 100, 50)
+    out = build_transforms(False, 32, crop_pct=0.875)(image=img)["image"]
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    expected = (np.array([200, 100, 50]) / 255.0 - np.array(IMAGENET_DEFAULT_MEAN)) / np.array(IMAGENET_DEFAULT_STD)
+    for c in range(3):
+        torch.testing.assert_close(out[c], torch.full((32, 32), float(expected[c])), atol=1e-5, rtol=0)
+    out = build_transforms(False, 16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))(image=img)["image"]
+    torch.testing.assert_close(out[:, 0, 0], torch.tensor([(200 / 255 - 0.5) / 0.25, (100 / 255 - 0.5) / 0.25,
+                                                           (50 / 255 - 0.5) / 0.25]), atol=1e-5, rtol=0)
+
+
+def _column_ramp(height: int, width: int, step: int) -> np.ndarray:
+    ramp = (np.arange(width) * step).astype(np.uint8)
+    return np.repeat(np.broadcast_to(ramp[None, :, None], (height, width, 1)), 3, axis=2).copy()
+
+
+def test_eval_transform_resizes_shorter_side_then_centre_crops():
+    plain = dict(mean=(0, 0, 0), std=(1 / 255,) * 3)  # normalisation -> identity on 0..255 values
+    # shorter side already floor(40 / 0.8) = 50: no resize, centre crop rows 5..44, cols 30..69
+    img = _column_ramp(50, 100, 2) + np.arange(50, dtype=np.uint8)[:, None, None]
+    out = build_transforms(False, 40, crop_pct=0.8, **plain)(image=img)["image"]
+    np.testing.assert_allclose(out[0].numpy(), img[5:45, 30:70, 0], atol=1e-3)
+    # 100x200 -> shorter side 50 (area downscale averages 2x2 blocks: 4k+1 exactly) -> 50x100 -> cols 30..69
+    img = _column_ramp(100, 200, 1)
+    out = build_transforms(False, 40, crop_pct=0.8, interpolation="bicubic", **plain)(image=img)["image"]
+    expected = np.broadcast_to((np.arange(30, 70) * 2 + 0.5), (40, 40))
+    np.testing.assert_allclose(out[1].numpy(), np.round(expected), atol=1.0)
+    # portrait image, non-square output, crop larger than the resized image (crop_pct > 1 pads)
+    img = _column_ramp(90, 45, 1)
+    assert build_transforms(False, (24, 40), crop_pct=1.0)(image=img)["image"].shape == (3, 24, 40)
+    assert build_transforms(False, 32, crop_pct=1.25)(image=img)["image"].shape == (3, 32, 32)
+
+
+def test_train_transform_is_random_but_seeded():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    t1 = build_transforms(True, 32, random_erasing=0.5, seed=3)
+    t2 = build_transforms(True, 32, random_erasing=0.5, seed=3)
+    a = [t1(image=img)["image"] for _ in range(4)]
+    b = [t2(image=img)["image"] for _ in range(4)]
+    assert all(x.shape == (3, 32, 32) and x.dtype == torch.float32 for x in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))  # same seed, same stream
+    assert not torch.equal(a[0], a[1])  # consecutive calls differ
+    c = build_transforms(True, 32, random_erasing=0.5, seed=4)(image=img)["image"]
+    assert not torch.equal(a[0], c)
+
+
+def test_reseed_gives_child_transforms_independent_draws():
+    import albumentations as A
+
+    # Compose.set_random_seed would give both flips identical streams: they would always flip together
+    img = np.arange(16, dtype=np.uint8).reshape(4, 4, 1).repeat(3, axis=2)
+    pipeline = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)])
+    reseed_transform(pipeline, 123)
+    outcomes = Counter()
+    for _ in range(40):
+        out = pipeline(image=img)["image"][..., 0]
+        outcomes[(bool(out[0, 0] in (3, 15)), bool(out[0, 0] in (12, 15)))] += 1
+    assert len(outcomes) == 4  # all four flip combinations occur
+
+
+def test_rand_augment_ops_all_run_and_change_the_image():
+    rng = np.random.default_rng(1)
+    img = rng.integers(30, 220, (48, 64, 3), dtype=np.uint8)
+    policy = rand_augment_policy(num_ops=2, magnitude=9, p=1.0)
+    changed = 0
+    for op in policy.transforms:
+        op.p = 1.0
+        out = op(image=img)["image"]
+        assert out.shape == img.shape and out.dtype == np.uint8, op
+        changed += int(not np.array_equal(out, img))
+    assert changed >= len(policy.transforms) - 2  # a zero-strength draw may leave an image unchanged
+    with pytest.raises(ValueError, match="magnitude"):
+        rand_augment_policy(magnitude=12)
+
+
+def test_transform_config_from_timm_pretrained_cfg():
+    cfg = resolve_transform_config("tokenformer_tiny")
+    assert cfg.img_size == (224, 224) and cfg.crop_pct == 0.875 and cfg.interpolation == "bicubic"
+    assert cfg.mean == IMAGENET_DEFAULT_MEAN and cfg.std == IMAGENET_DEFAULT_STD
+    cfg = resolve_transform_config("vit_base_patch16_224.augreg2_in21k_ft_in1k", img_size=64, crop_pct=1.0)
+    assert cfg.img_size == (64, 64) and cfg.crop_pct == 1.0 and cfg.mean == (0.5, 0.5, 0.5)
+    cfg = resolve_transform_config(None, interpolation="bilinear")
+    assert cfg.img_size == (224, 224) and cfg.interpolation == "bilinear"
+    with pytest.raises(ValueError, match="no model"):
+        resolve_transform_config("not_a_model_xyz")
+    with pytest.raises(ValueError, match="interpolation"):
+        resolve_transform_config(interpolation="fancy")
+
+
+def test_load_rgb_converts_modes(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    write_image(tmp_path / "g.jpeg", rgb, "gray")
+    write_image(tmp_path / "a.png", rgb, "rgba")
+    from PIL import Image
+
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "c.jpg")
+    for name in ("g.jpeg", "a.png", "c.jpg"):
+        out = load_rgb(tmp_path / name)
+        assert out.shape == (20, 30, 3) and out.dtype == np.uint8, name
+    np.testing.assert_array_equal(load_rgb(tmp_path / "a.png"), rgb)  # lossless PNG, alpha dropped
+    gray = load_rgb(tmp_path / "g.jpeg")
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 0], gray[..., 2])
+    # a truncated JPEG must fail loudly (so the dataset skips it) rather than decode partially
+    Image.fromarray(rgb).save(tmp_path / "t.jpg", quality=95)
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "t.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match="truncated"):
+        load_rgb(tmp_path / "t.jpg")
+
+
+# ---------------------------------------------------------------------------------------------- image folders
+def test_imagefolder_classes_samples_and_batches(imagefolder):
+    dm = small_dm(imagefolder, rand_augment=True, random_erasing=0.25)
+    assert ImageNetDataModule is not ImageFolderDataModule and issubclass(ImageNetDataModule, ImageFolderDataModule)
+    assert dm.class_names == ["cat", "dog", "fox"] and dm.num_classes == 3  # before setup
+    dm.setup("fit")
+    train, val = dm.dataset("train"), dm.dataset("val")
+    assert len(train) == N_TRAIN + 1 and len(val) == N_VAL  # the corrupt file is listed, skipped on load
+    assert Counter(t for _, t in val.samples) == {0: 4, 1: 4, 2: 4}
+    assert any(p.endswith(".JPG") for p, _ in train.samples) and any(p.endswith(".png") for p, _ in train.samples)
+    for batch in drain(dm.val_dataloader()):
+        images, targets = batch
+        assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
+        assert targets.dtype == torch.int64 and targets.min() >= 0 and targets.max() < 3
+    batches = drain(dm.train_dataloader())
+    assert sum(len(t) for _, t in batches) == N_TRAIN  # 25 files = 5 full batches, minus the corrupt one
+    assert all(x.shape[1:] == (3, 32, 32) for x, _ in batches)
+    test = drain(dm.test_dataloader())  # test defaults to val
+    assert sum(len(t) for _, t in test) == N_VAL
+
+
+def test_class_order_is_sorted_and_hidden_or_non_image_files_ignored(tmp_path):
+    for split in ("train", "val"):
+        for name in ("zebra", "Moose", "ant"):
+            (tmp_path / split / name).mkdir(parents=True)
+            write_image(tmp_path / split / name / "a.JpEg", np.zeros((8, 8, 3), np.uint8))
+            write_image(tmp_path / split / name / "b.WEBP.jpg", np.zeros((8, 8, 3), np.uint8))
+            (tmp_path / split / name / "notes.txt").write_text("not an image")
+        (tmp_path / split / ".ipynb_checkpoints").mkdir()
+    dm = small_dm(tmp_path)
+    assert dm.class_names == ["Moose", "ant", "zebra"]
+    samples = dm.dataset("train").samples
+    assert [Path(p).name for p, _ in samples] == ["a.JpEg", "b.WEBP.jpg"] * 3
+    assert [t for _, t in samples] == [0, 0, 1, 1, 2, 2]
+
+
+def test_transform_settings_follow_model_cfg(imagefolder):
+    dm = ImageFolderDataModule(str(imagefolder), model_name="tokenformer_tiny", num_workers=0)
+    assert dm.img_size == (224, 224)
+    resize = dm.build_transform(False).transforms[0]
+    assert resize.max_size == math.floor(224 / 0.875)
+    dm = ImageFolderDataModule(str(imagefolder), model_name="vit_base_patch16_224", img_size=48, crop_pct=0.5)
+    assert dm.img_size == (48, 48) and dm.build_transform(False).transforms[0].max_size == 96
+    assert dm.transform_config.mean == (0.5, 0.5, 0.5)
+
+
+def test_corrupt_image_is_skipped_with_warning_and_counted(imagefolder):
+    dm = small_dm(imagefolder, batch_size=4, drop_last=False)
+    with pytest.warns(UserWarning, match="corrupt.JPEG"):
+        batches = [b for b in dm.train_dataloader() if b is not None]
+    assert dm.skipped_images == 1
+    assert sum(len(t) for _, t in batches) == N_TRAIN
+    assert any(len(t) == 3 for _, t in batches)  # the batch that held the corrupt file shrank
+    # a dataset of only unreadable files yields None batches instead of crashing
+    bad = ImageFileDataset([(str(imagefolder / IMAGEFOLDER_CORRUPT), 0)] * 3, dm.build_transform(False))
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert list(DataLoader(bad, batch_size=2, collate_fn=collate_skip_none)) == [None, None]
+    assert bad.skip_counter.value == 3
+
+
+def test_skip_count_is_shared_with_workers_and_picklable(imagefolder):
+    dm = small_dm(imagefolder, num_workers=2, persistent_workers=False)
+    loader = dm.train_dataloader()
+    assert loader.persistent_workers is False and loader.pin_memory == torch.cuda.is_available()
+    assert sum(len(t) for _, t in drain(loader)) == N_TRAIN
+    assert dm.skipped_images == 1  # counted in a worker process, visible here
+    clone = pickle.loads(pickle.dumps(dm))  # outside a worker spawn the counter degrades to a local copy
+    assert clone.skipped_images == 1 and clone.num_classes == 3
+    dm0 = small_dm(imagefolder)
+    assert dm0.train_dataloader().persistent_workers is False  # never with num_workers=0
+
+
+def test_worker_reseeding_gives_each_worker_its_own_augmentations(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    (tmp_path / "train" / "only").mkdir(parents=True)
+    for i in range(8):  # identical images: any difference between outputs comes from augmentation
+        write_image(tmp_path / "train" / "only" / f"{i}.png", rgb)
+    dm = small_dm(tmp_path, batch_size=1, num_workers=2, persistent_workers=False)
+    loader = dm.train_dataloader()
+
+    def per_worker(dl):
+        outs = [x[0] for x, _ in dl]  # with 2 workers batches alternate: worker 0, worker 1, worker 0, ...
+        return outs[0::2], outs[1::2]
+
+    torch.manual_seed(0)
+    w0, w1 = per_worker(loader)
+    assert len(w0) == len(w1) == 4
+    assert not any(torch.equal(a, b) for a, b in zip(w0, w1, strict=True))
+    assert len({x.numpy().tobytes() for x in w0 + w1}) == 8
+    # control: the same loader without our worker_init_fn repeats augmentations across workers
+    plain = DataLoader(loader.dataset, batch_size=1, shuffle=True, num_workers=2, collate_fn=collate_skip_none)
+    w0, w1 = per_worker(plain)
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1, strict=True))
+
+
+def test_predict_split_and_predict_root(imagefolder, tmp_path):
+    dm = small_dm(imagefolder)
+    names = dm.predict_names()
+    assert len(names) == N_VAL and names == sorted(names) and all("/val/" in n for n in names)
+    seen = []
+    for images, targets, indices in drain(dm.predict_dataloader()):
+        assert images.shape[1:] == (3, 32, 32) and targets.dtype == torch.int64
+        for t, i in zip(targets.tolist(), indices.tolist(), strict=True):
+            assert Path(names[i]).parent.name == dm.class_names[t]
+            seen.append(i)
+    assert seen == list(range(N_VAL))
+    # a loose folder of images: unknown targets are -1, images under a class-named folder get that class
+    write_image(tmp_path / "x.jpg", np.zeros((30, 20, 3), np.uint8))
+    (tmp_path / "sub" / "fox").mkdir(parents=True)
+    write_image(tmp_path / "sub" / "fox" / "y.png", np.zeros((30, 20, 3), np.uint8))
+    (tmp_path / "sub" / "readme.md").write_text("skip me")
+    dm = small_dm(imagefolder, predict_root=str(tmp_path))
+    assert dm.predict_names() == [str(tmp_path / "sub" / "fox" / "y.png"), str(tmp_path / "x.jpg")]
+    (images, targets, indices), = drain(dm.predict_dataloader())
+    assert targets.tolist() == [2, -1] and indices.tolist() == [0, 1]
+
+
+def test_layout_errors(imagefolder, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train/<class>/xxx\.JPEG"):
+        small_dm(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"train/<class>"):
+        small_dm(empty)
+    (empty / "train").mkdir()
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        small_dm(empty)
+    (empty / "train" / "a").mkdir()
+    (empty / "train" / "b").mkdir()
+    with pytest.raises(ValueError, match=r"(?s)contains no images.*train/<class>"):
+        small_dm(empty).setup("fit")
+    write_image(empty / "train" / "a" / "1.jpg", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"class folder\(s\).*\['b'\]"):
+        small_dm(empty).setup("fit")
+    # val with other classes than train
+    make_imagefolder(tmp_path / "mismatch", train_per_class=1, val_per_class=1, corrupt=False)
+    (tmp_path / "mismatch" / "val" / "fox").rename(tmp_path / "mismatch" / "val" / "wolf")
+    with pytest.raises(ValueError, match=r"missing \['fox'\].*unexpected \['wolf'\]"):
+        small_dm(tmp_path / "mismatch")
+    # missing val split: fine until validation needs it
+    make_imagefolder(tmp_path / "noval", train_per_class=1, val_per_class=1, corrupt=False)
+    for f in (tmp_path / "noval" / "val").rglob("*.*"):
+        f.unlink()
+    with pytest.raises(ValueError, match="contains no images"):
+        small_dm(tmp_path / "noval").setup("validate")
+    with pytest.raises(ValueError, match="probability"):
+        small_dm(imagefolder, hflip=1.5)
+
+
+def test_small_training_set_keeps_partial_batch(imagefolder):
+    dm = small_dm(imagefolder, batch_size=64)
+    with pytest.warns(UserWarning, match="smaller than one batch"):
+        loader = dm.train_dataloader()
+    assert loader.drop_last is False
+
+
+# ----------------------------------------------------------------------------------------------------- digits
+def test_digits_images_split_and_batches():
+    from sklearn.datasets import load_digits
+
+    images, targets = load_digits_rgb()
+    raw = load_digits()
+    assert images.shape == (1797, 8, 8, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[..., 1], np.round(raw.images * 255 / 16).astype(np.uint8))
+    assert images.max() == 255 and images.min() == 0
+
+    dm = DigitsDataModule(batch_size=32, val_fraction=0.2, seed=0)
+    assert dm.num_classes == 10 and dm.class_names == [str(i) for i in range(10)]
+    train, val = dm.train_indices, dm.val_indices
+    assert len(train) == 1437 and len(val) == 360
+    assert not set(train) & set(val) and len(set(train) | set(val)) == 1797
+    per_class = np.bincount(targets, minlength=10)
+    val_per_class = np.bincount(targets[val], minlength=10)
+    assert np.all(np.abs(val_per_class - 0.2 * per_class) <= 1)  # stratified
+    same = DigitsDataModule(seed=0)
+    other = DigitsDataModule(seed=1)
+    assert np.array_equal(same.val_indices, val) and not np.array_equal(other.val_indices, val)
+
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    xs, ys = zip(*drain(dm.val_dataloader()), strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert x.shape == (360, 3, 32, 32)
+    assert torch.equal(y, torch.from_numpy(targets[val]))
+    # eval images are the upscaled digits, standardised with the training-pixel statistics
+    assert abs(float(x.mean())) < 0.15 and 0.8 < float(x.std()) < 1.2
+    assert len(dm.predict_names()) == 360 and dm.predict_names()[0] == f"digits_{val[0]:04d}"
+    _, _, idx = next(iter(dm.predict_dataloader()))
+    assert idx.tolist() == list(range(32))
+    with pytest.raises(ValueError, match="val_fraction"):
+        DigitsDataModule(val_fraction=1.0)

@@ -1,0 +1,100 @@
+"""Embedded default data: scikit-learn's handwritten digits (1,797 8×8 images, 10 classes, shipped inside
+scikit-learn, so no download), as RGB images through the same transforms and DataLoaders as image folders."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from torch.utils.data import Dataset
+
+from .datamodule import ImageClassificationDataModule
+from .folder import ArrayDataset
+from .transforms import interpolation_flag
+
+__all__ = ["DigitsDataModule", "load_digits_rgb", "split_digits"]
+
+
+def load_digits_rgb() -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 digits as RGB ``uint8 [N, 8, 8, 3]`` (16 grey levels 0..16 scaled to 0..255) and int64 targets."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    grey = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1), digits.target.astype(np.int64)
+
+
+def split_digits(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified train/val split: sorted index arrays into ``load_digits`` order."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    indices = np.arange(len(targets))
+    train_idx, val_idx = train_test_split(indices, test_size=val_fraction, stratify=targets, random_state=seed)
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+class DigitsDataModule(ImageClassificationDataModule):
+    """scikit-learn's digits as a 10-class image dataset (class names ``"0"`` .. ``"9"``).
+
+    A stratified ``val_fraction`` of the images (seeded by ``seed``) is held out for validation; test and predict
+    use that same held-out set. The 8×8 images are upscaled once to ``img_size`` (``interpolation``) so that crops
+    and affines act on a fine grid. Augmentation defaults are mild and flip-free (digits are not mirror
+    symmetric): RandomResizedCrop scale (0.7, 1) and a small affine that fills with black (the background).
+    ``mean``/``std`` default to the pixel statistics of the training images. Other arguments: see
+    :class:`ImageFolderDataModule`.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] | None = 32,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        model_name: str | None = None,
+        crop_pct: float | None = 1.0,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        interpolation: str | None = "bilinear",
+        hflip: float = 0.0,
+        rand_augment: bool = False,
+        ra_num_ops: int = 2,
+        ra_magnitude: float = 5.0,
+        random_erasing: float = 0.0,
+        scale: tuple[float, float] = (0.7, 1.0),
+        affine: float = 0.5,
+        fill: int | tuple[int, int, int] | None = 0,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        drop_last: bool = True,
+    ) -> None:
+        images, targets = load_digits_rgb()
+        self.train_indices, self.val_indices = split_digits(targets, val_fraction, seed)
+        if mean is None or std is None:
+            # statistics of the training pixels (all channels equal) so the default input is standardised
+            pixels = images[self.train_indices, ..., 0].astype(np.float64) / 255.0
+            mean = mean if mean is not None else (float(pixels.mean()),) * 3
+            std = std if std is not None else (float(pixels.std()),) * 3
+        super().__init__(img_size=img_size, batch_size=batch_size, num_workers=num_workers, model_name=model_name,
+                         crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation, hflip=hflip,
+                         rand_augment=rand_augment, ra_num_ops=ra_num_ops, ra_magnitude=ra_magnitude,
+                         random_erasing=random_erasing, scale=scale, affine=affine, fill=fill,
+                         pin_memory=pin_memory,
+                         persistent_workers=persistent_workers, drop_last=drop_last, seed=seed)
+        self.save_hyperparameters()
+        self.val_fraction = val_fraction
+        self.class_names = [str(i) for i in range(10)]
+        size = max(self.transform_config.img_size)
+        flag = interpolation_flag(self.transform_config.interpolation)
+        self.images = np.stack([cv2.resize(img, (size, size), interpolation=flag) for img in images])
+        self.targets = targets
+
+    def _make_dataset(self, stage: str) -> Dataset:
+        idx = self.train_indices if stage == "train" else self.val_indices
+        return ArrayDataset(self.images[idx], self.targets[idx], self.build_transform(stage == "train"),
+                            return_index=stage == "predict")
+
+    def predict_names(self) -> list[str]:
+        """``digits_<index in sklearn's load_digits order>`` of each held-out image."""
+        return [f"digits_{i:04d}" for i in self.val_indices]
