@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
+
 __all__ = ["Pattention", "pattention_normalize", "default_value_std"]
 
 
@@ -50,6 +52,8 @@ class Pattention(nn.Module):
         key_std: std of the key tokens' normal init (official 0.02).
         value_std: std of the value tokens' normal init; default ``2 / sqrt(in_features)`` (wang init at depth 1).
             Models pass ``default_value_std(depth, embed_dim)``.
+        fast: use the fast kernels of :mod:`tokenformer_vision.ops` (same function, cheaper backward); ``False``
+            pins the slow reference path; ``None`` follows :func:`tokenformer_vision.ops.set_fast_path`.
     """
 
     tau: torch.Tensor
@@ -64,6 +68,7 @@ class Pattention(nn.Module):
         eps: float = 1e-6,
         key_std: float = 0.02,
         value_std: float | None = None,
+        fast: bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -77,6 +82,7 @@ class Pattention(nn.Module):
         self.out_features = out_features
         self.dynamic_scale = dynamic_scale
         self.eps = eps
+        self.fast = fast
         self.key_std = key_std
         self.value_std = value_std if value_std is not None else default_value_std(1, in_features)
         self.key_param = nn.Parameter(torch.empty(num_tokens, in_features, **dd))
@@ -101,16 +107,26 @@ class Pattention(nn.Module):
         """The τ used by :meth:`forward`."""
         return math.sqrt(self.num_tokens) if self.dynamic_scale else self.tau
 
+    def uses_fast_path(self) -> bool:
+        """Whether :meth:`forward` takes the fast kernels (``fast`` argument, else the process-wide default)."""
+        return ops.fast_path_enabled() if self.fast is None else self.fast
+
     def token_weights(self, x: torch.Tensor) -> torch.Tensor:
         """The normalised scores S = GeLU(τ · A / ‖A‖) of ``x`` against the key tokens, shape ``[..., n]``."""
-        return pattention_normalize(F.linear(x, self.key_param), self.scale(), self.eps)
+        scores = F.linear(x, self.key_param)
+        if self.uses_fast_path():
+            return ops.pattention_normalize_fast(scores, self.scale(), self.eps)
+        return pattention_normalize(scores, self.scale(), self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"Pattention expects inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}"
             )
-        weights = self.token_weights(x)
+        if self.uses_fast_path():
+            return ops.pattention(x, self.key_param, self.value_param, self.scale(), self.eps)
+        # slow reference: plain autograd through the formula (kept for tests and as the spec of the fast path)
+        weights = pattention_normalize(F.linear(x, self.key_param), self.scale(), self.eps)
         return torch.matmul(weights, self.value_param.to(weights.dtype))
 
     @torch.no_grad()
