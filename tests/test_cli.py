@@ -1,0 +1,125 @@
+"""``tokenformer-vision`` end to end in subprocesses (fit, resume, validate, test, predict) plus in-process checks
+of config parsing and the ``export`` dispatch. Tiny model (d 32, 1 block, 32x32, patch 8), a few steps each."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenformer_vision import cli
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_ARGS = ["--model.model_name", "tokenformer_tiny", "--model.img_size", "32",
+              "--model.model_kwargs", '{"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}']
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "tokenformer_vision.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise AssertionError(f"tokenformer-vision {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_fit_resume_validate_test_predict(tmp_path, imagefolder):
+    data = ["--data", "ImageFolderDataModule", "--data.root", str(imagefolder), "--data.batch_size", "4",
+            "--data.num_workers", "0", "--data.rand_augment", "false"]
+    common = [*MODEL_ARGS, *data, "--trainer.logger.init_args.save_dir", "runs",
+              "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
+    fit = ["fit", *common, "--trainer.limit_train_batches", "3", "--trainer.log_every_n_steps", "1",
+           "--model.ema_decay", "0.9", "--model.mixup", "0.8", "--model.cutmix", "1.0", "--model.warmup_steps", "2"]
+    run_cli([*fit, "--trainer.max_epochs", "2"], tmp_path)
+
+    run0 = tmp_path / "runs" / "lightning_logs" / "version_0"
+    rows = read_csv(run0 / "metrics.csv")
+    assert {"val/acc1", "val/acc5", "val/loss", "train/loss", "lr/decay"} <= set(rows[0])
+    assert sum(1 for r in rows if r["val/acc1"]) == 2
+    last0 = torch.load(run0 / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last0["global_step"] == 6
+    assert last0["hyper_parameters"]["num_classes"] == 3  # linked from the data module
+    assert last0["token_counts"] == {"attn_tokens": 32, "ffn_tokens": 128}
+    best = [p for p in (run0 / "checkpoints").iterdir() if p.name.startswith("best-")]
+    assert len(best) == 1
+
+    # resume: `--ckpt_path last` finds version_0's last.ckpt although this run logs to version_1
+    resumed = run_cli([*fit, "--trainer.max_epochs", "3", "--ckpt_path", "last"], tmp_path)
+    assert "ckpt_path=last" in resumed.stderr
+    run1 = tmp_path / "runs" / "lightning_logs" / "version_1"
+    assert torch.load(run1 / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
+    steps = [int(r["step"]) for r in read_csv(run1 / "metrics.csv")]
+    assert min(steps) >= 6 and max(steps) == 8
+
+    # evaluate the best checkpoint of the newest run ("best" resolved from its last.ckpt)
+    val = run_cli(["validate", *common, "--ckpt_path", "best"], tmp_path)
+    assert "val/acc1" in val.stdout
+    test = run_cli(["test", *common, "--ckpt_path", str(run1 / "checkpoints" / "last.ckpt")], tmp_path)
+    assert "test/acc1" in test.stdout and "test/acc5" in test.stdout
+
+    out = tmp_path / "preds.csv"
+    run_cli(["predict", *common, "--ckpt_path", "last", "--predict_out", str(out)], tmp_path)
+    preds = read_csv(out)
+    assert len(preds) == 12  # the val split
+    assert list(preds[0]) == ["name", "target", "top1", "prob1", "top2", "prob2", "top3", "prob3"]
+    for row in preds:
+        assert Path(row["name"]).parent.name == row["target"]  # val/<class>/<file>
+        assert sorted(row[f"top{j}"] for j in (1, 2, 3)) == ["cat", "dog", "fox"]
+        probs = [float(row[f"prob{j}"]) for j in (1, 2, 3)]
+        assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_configs_parse(capsys):
+    configs = sorted((REPO / "configs").rglob("*.yaml"))
+    assert {"demo/digits.yaml", "imagenet/tokenformer_base.yaml", "imagenet/tokenformer_small.yaml",
+            "imagenet/tokenformer_tiny.yaml"} <= {str(p.relative_to(REPO / "configs")) for p in configs}
+    for path in configs:
+        if path.name.endswith("_grow.yaml"):
+            continue  # growth stages extend a base config; tested with their base by the growth tests
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["fit", "--config", str(path), "--print_config"])
+        assert exit_info.value.code in (0, None), path
+        printed = capsys.readouterr().out
+        assert "model_name: tokenformer_" in printed, path
+    base = REPO / "configs" / "imagenet" / "tokenformer_base.yaml"
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--config", str(base), "--print_config"])
+    printed = capsys.readouterr().out
+    for needle in ("lr: 0.0016", "weight_decay: 0.3", "- 0.95", "max_epochs: 300", "drop_path_rate: 0.1",
+                   "label_smoothing: 0.1", "mixup: 0.8", "cutmix: 1.0", "ema_decay: 0.9999", "precision: bf16-mixed",
+                   "random_erasing: 0.25", "min_lr: 1.0e-05", "warmup_epochs: 20"):
+        assert needle in printed, needle
+
+
+def test_export_dispatch(monkeypatch):
+    calls = []
+    fake = types.ModuleType("tokenformer_vision.export")
+    fake.main = calls.append
+    monkeypatch.setitem(sys.modules, "tokenformer_vision.export", fake)
+    cli.main(["export", "--ckpt", "x.ckpt", "--out", "y"])
+    assert calls == [["--ckpt", "x.ckpt", "--out", "y"]]
+
+
+def test_export_missing_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenformer_vision.export", None)  # import raises ModuleNotFoundError
+    with pytest.raises(SystemExit, match="tokenformer_vision.export is not available"):
+        cli.main(["export"])
+
+
+def test_best_without_earlier_run_is_an_error(tmp_path, monkeypatch, imagefolder):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no earlier run"):
+        cli.main(["validate", *MODEL_ARGS, "--data", "ImageFolderDataModule", "--data.root", str(imagefolder),
+                  "--ckpt_path", "best"])
