@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from timm.layers import DropPath, PatchEmbed
 from torch import nn
 
+from .ops import pattention_fused
 from .pattention import Pattention
+from .routing import TokenGate, check_routing_threshold, routed_block_forward
 
 __all__ = ["PattentionAttention", "TokenFormerBlock", "PattentionPatchEmbed", "PatchProjection"]
 
@@ -49,9 +51,33 @@ class PattentionAttention(nn.Module):
         B, N, _ = x.shape
         return x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def fuses_qkv(self) -> bool:
+        """Whether Q, K and V run as one fused Pattention call (one GEMM over the three concatenated key sets).
+
+        Needs all three on the fast path with equal token counts and eps, and no hooks on them (a fused call
+        would bypass their hooks). FX symbolic tracing (timm feature extraction) takes the per-layer path.
+        """
+        if isinstance(self.q.key_param, torch.fx.Proxy):  # FX symbolic tracing: parameters are proxies here
+            return False
+        layers = (self.q, self.k, self.v)
+        return (
+            all(p.uses_fast_path() and not (p._forward_hooks or p._forward_pre_hooks) for p in layers)
+            and self.q.num_tokens == self.k.num_tokens == self.v.num_tokens
+            and self.q.eps == self.k.eps == self.v.eps
+        )
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three projections ``(q(x), k(x), v(x))``, each ``[..., dim]``; fused when :meth:`fuses_qkv`."""
+        if not self.fuses_qkv():
+            return self.q(x), self.k(x), self.v(x)
+        layers = (self.q, self.k, self.v)
+        q, k, v = pattention_fused(x, [p.key_param for p in layers], [p.value_param for p in layers],
+                                   [p.scale() for p in layers], self.q.eps)
+        return q, k, v
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+        q, k, v = (self._heads(t) for t in self.qkv(x))
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
@@ -62,6 +88,10 @@ class TokenFormerBlock(nn.Module):
 
     The LayerNorms have no affine parameters (official TokenFormer); the FFN is a single Pattention d→d whose
     GeLU is the only non-linearity.
+
+    ``token_routing=True`` adds a per-token gate (``.router``, see :mod:`tokenformer_vision.routing`): the
+    residual updates are scaled by the keep-gate 1 − p, and in eval mode tokens with p > ``routing_threshold``
+    skip the block. Without routing the block has no router, no extra state and the original forward.
     """
 
     def __init__(
@@ -76,6 +106,9 @@ class TokenFormerBlock(nn.Module):
         drop_path: float = 0.0,
         value_std: float | None = None,
         dynamic_scale: bool = False,
+        token_routing: bool = False,
+        routing_threshold: float = 0.5,
+        num_prefix_tokens: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -90,6 +123,18 @@ class TokenFormerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, **dd)
         self.mlp = Pattention(dim, dim, ffn_tokens, value_std=value_std, dynamic_scale=dynamic_scale, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        # routing: a gate only when enabled, so an unrouted block has exactly the original parameters and keys
+        self.routing_threshold = check_routing_threshold(routing_threshold)
+        self.router = TokenGate(dim, num_prefix_tokens=num_prefix_tokens, **dd) if token_routing else None
+        self.last_keep: torch.Tensor | None = None  # [B, N] keep-gates 1 − p of the last forward
+        self.last_processed: torch.Tensor | None = None  # [B, N] bool, tokens the last forward executed
+
+    def __getstate__(self) -> dict:
+        # the last forward's gates may hold an autograd graph: not part of the module's state, and they would make
+        # copy.deepcopy (EMA copies) and pickling fail
+        state = self.__dict__.copy()
+        state["last_keep"] = state["last_processed"] = None
+        return state
 
     @property
     def attn_tokens(self) -> int:
@@ -106,6 +151,8 @@ class TokenFormerBlock(nn.Module):
         return self.drop_path2(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.router is not None:
+            return routed_block_forward(self, x)
         x = x + self.attn_residual(x)
         return x + self.ffn_residual(x)
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from .layers import PattentionPatchEmbed, TokenFormerBlock
 from .pattention import Pattention, default_value_std
+from .routing import RoutingStats, check_routing_threshold
 
 __all__ = ["TokenFormerViT", "token_counts_from_state_dict", "checkpoint_filter_fn", "check_image_input"]
 
@@ -82,6 +83,11 @@ class TokenFormerViT(nn.Module):
         dynamic_img_size: accept any input size, resampling the position embedding on the fly.
         dynamic_img_pad: pad inputs whose size is not a multiple of the patch size.
         drop_rate, pos_drop_rate, attn_drop_rate, proj_drop_rate, drop_path_rate: dropout rates.
+        token_routing: per-token adaptive depth (:mod:`tokenformer_vision.routing`): blocks 1.. get a gate whose
+            keep-gate 1 − p scales their updates; in eval mode tokens with halting probability p above
+            ``routing_threshold`` skip the block (real compute saving). Off: no extra parameters or keys.
+        routing_threshold: halting-probability threshold in [0, 1] (skip iff p > threshold; 1 skips nothing).
+        routing_loss_weight: λ of the compute penalty λ·mean(1 − p) returned by :meth:`routing_loss`.
         device, dtype: where and in what precision to build the parameters (``meta`` works).
     """
 
@@ -109,6 +115,9 @@ class TokenFormerViT(nn.Module):
         attn_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        token_routing: bool = False,
+        routing_threshold: float = 0.5,
+        routing_loss_weight: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -130,6 +139,12 @@ class TokenFormerViT(nn.Module):
         self.grad_checkpointing = False
         self.pattention_head = pattention_head
         self.head_tokens = head_tokens or embed_dim
+        self.token_routing = bool(token_routing)
+        self._routing_threshold = check_routing_threshold(routing_threshold)
+        if isinstance(routing_loss_weight, bool) or not isinstance(routing_loss_weight, (int, float)) \
+                or routing_loss_weight < 0:
+            raise ValueError(f"routing_loss_weight must be a float >= 0, got {routing_loss_weight!r}")
+        self.routing_loss_weight = float(routing_loss_weight)
 
         embed_args: dict[str, Any] = {}
         if dynamic_img_size:
@@ -151,7 +166,9 @@ class TokenFormerViT(nn.Module):
         self.blocks = nn.Sequential(*[
             TokenFormerBlock(
                 embed_dim, num_heads, attn_tokens, ffn_tokens, attn_drop=attn_drop_rate,
-                proj_drop=proj_drop_rate, drop_path=dpr[i], value_std=value_std, dynamic_scale=dynamic_scale, **dd,
+                proj_drop=proj_drop_rate, drop_path=dpr[i], value_std=value_std, dynamic_scale=dynamic_scale,
+                token_routing=self.token_routing and i > 0,  # block 0 always runs (paper)
+                routing_threshold=self._routing_threshold, num_prefix_tokens=self.num_prefix_tokens, **dd,
             )
             for i in range(depth)
         ])
@@ -255,6 +272,66 @@ class TokenFormerViT(nn.Module):
         for block in self.blocks:
             block.grow(attn_tokens, ffn_tokens, new_parameters=new_parameters)
 
+    # ------------------------------------------------------------------------------------------- routing
+    @property
+    def routing_threshold(self) -> float:
+        """Halting-probability threshold of eval-mode skipping: a token skips a block iff its p > threshold."""
+        return self._routing_threshold
+
+    @routing_threshold.setter
+    def routing_threshold(self, value: float) -> None:
+        self._routing_threshold = check_routing_threshold(value)
+        for block in self.blocks:
+            block.routing_threshold = self._routing_threshold
+
+    def _routed_blocks(self) -> list[tuple[int, nn.Module]]:
+        return [(i, b) for i, b in enumerate(self.blocks) if getattr(b, "router", None) is not None]
+
+    def clear_routing_state(self) -> None:
+        """Forget the gates recorded by the last forward (done at the start of every forward)."""
+        for _, block in self._routed_blocks():
+            block.last_keep = None
+            block.last_processed = None
+
+    def routing_loss(self) -> torch.Tensor:
+        """Compute penalty λ·mean(1 − p) of the last forward (differentiable after a training forward).
+
+        The mean runs over the routed blocks and the patch tokens (the cls token is always processed). λ is
+        ``routing_loss_weight``; 0 (the default, as in the source) gives an exact zero. Add it to the task loss.
+        """
+        keeps = [b.last_keep[:, self.num_prefix_tokens:] for _, b in self._routed_blocks() if b.last_keep is not None]
+        if not keeps:
+            return self.cls_token.new_zeros(())
+        penalty = torch.stack([k.float().mean() for k in keeps]).mean()
+        return penalty * self.routing_loss_weight
+
+    def routing_stats(self, strict: bool = True) -> RoutingStats | None:
+        """Token-layer operations of the last forward: per-block, per-image counts of processed tokens.
+
+        Blocks before the first routed one count as fully processed; blocks after the last one that ran
+        (``forward_intermediates(stop_early=True)``) are left out. Raises RuntimeError (or returns None with
+        ``strict=False``) when the model has no routing or no routed block ran since the last reset.
+        """
+        ran = [(i, b.last_processed) for i, b in self._routed_blocks() if b.last_processed is not None]
+        if not ran:
+            if strict:
+                raise RuntimeError("no routing statistics: build the model with token_routing=True and run a forward")
+            return None
+        B, N = ran[0][1].shape
+        counts = torch.full((ran[-1][0] + 1, B), N, dtype=torch.long, device=ran[0][1].device)
+        for i, processed in ran:
+            counts[i] = processed.sum(1)
+        return RoutingStats(counts, N)
+
+    def routing_depth_map(self) -> torch.Tensor:
+        """``[B, N]`` number of blocks each token went through in the last forward (cls token included)."""
+        stats = self.routing_stats()
+        depth = torch.full_like(stats.processed[0][:, None].expand(-1, stats.tokens), stats.depth)
+        for i, block in self._routed_blocks():
+            if i < stats.depth:
+                depth = depth - (~block.last_processed).long()
+        return depth
+
     # ------------------------------------------------------------------------------------------- forward
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_img_size:
@@ -269,6 +346,8 @@ class TokenFormerViT(nn.Module):
         return self.pos_drop(x + pos_embed)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_routing:
+            self.clear_routing_state()  # stats always describe this forward (stop_early runs fewer blocks)
         check_image_input(x, self.in_chans, self.patch_embed.img_size, self.patch_embed.patch_size,
                           self.dynamic_img_size, self.patch_embed.dynamic_img_pad)
         return self._pos_embed(self.patch_embed(x))
@@ -380,6 +459,24 @@ def token_counts_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict
     return out
 
 
+def _check_head_classes(state_dict: Mapping[str, torch.Tensor], model: TokenFormerViT) -> None:
+    """Weights file loaded through a pretrained cfg (``file=``/``local-dir:``): timm keeps the saved head when the
+    model's num_classes equals the cfg's, so a cfg num_classes that disagrees with the file's head is an error."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if not (cfg.get("file") or cfg.get("source")) or model.num_classes != cfg.get("num_classes"):
+        return  # no weights file named by the cfg, or timm drops the head (num_classes differs): nothing to check
+    if "head.weight" in state_dict:
+        saved = state_dict["head.weight"].shape[0]
+    elif "head.value_param" in state_dict:
+        saved = state_dict["head.value_param"].shape[1]
+    else:
+        return
+    if saved != model.num_classes:
+        raise ValueError(f"the weights' classifier has {saved} classes but the pretrained cfg says num_classes="
+                         f"{model.num_classes}: pass pretrained_cfg_overlay=dict(file=..., num_classes={saved}) "
+                         "(add num_classes=N to create_model for a new N-class head)")
+
+
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: TokenFormerViT) -> dict[str, torch.Tensor]:
     """Adapt a saved state dict to ``model``: strip wrappers' prefixes, grow the model to the saved token counts,
     resample the position embedding to the model's grid.
@@ -398,7 +495,17 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: TokenFor
                 key = key[len(prefix):]
         out[key] = value
     if len(model.blocks):
-        saved = token_counts_from_state_dict(out)
+        try:
+            saved = token_counts_from_state_dict(out)
+        except ValueError as e:
+            raise ValueError(f"these weights are not a TokenFormer model's: is it a checkpoint of another model? ({e})"
+                             ) from e
+        # timm's local-dir:/hf-hub: loading builds the model from config.json's model_args: they must match the file
+        declared = getattr(model, "pretrained_model_args", None) or {}
+        wrong = {k: (declared[k], saved[k]) for k in saved if declared.get(k) is not None and declared[k] != saved[k]}
+        if wrong:
+            detail = ", ".join(f"{k}: config.json {c}, weights file {s}" for k, (c, s) in wrong.items())
+            raise ValueError(f"config.json's token counts disagree with the weights file ({detail})")
         have = {"attn_tokens": model.attn_tokens, "ffn_tokens": model.ffn_tokens}
         smaller = {k: (have[k], saved[k]) for k in saved if saved[k] < have[k]}
         if smaller:
@@ -407,6 +514,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: TokenFor
                              "with the checkpoint's attn_tokens/ffn_tokens")
         if saved != have:
             model.grow(**saved)
+    _check_head_classes(out, model)
     pos = out.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape:
         old_tokens = pos.shape[1] - model.num_prefix_tokens

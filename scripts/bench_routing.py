@@ -1,0 +1,212 @@
+"""Token-selective routing benchmarks (docs/benchmarks/routing.md).
+
+``accuracy``: train the same small TokenFormer on scikit-learn's digits (``DigitsDataModule``) with and without
+routing at the same budget (steps, batch, seed, data order), then evaluate the routed model at a sweep of
+thresholds: top-1 accuracy and TLOps fraction of each. Writes JSON and the routed weights (safetensors).
+
+``speed``: wall-clock inference throughput of ``tokenformer_small`` (224², CPU) with hard skipping vs the unrouted
+model, over a threshold sweep. The gates are untrained (last layer scaled so that halting probabilities spread
+over (0, 1)): speed depends only on how many tokens each block keeps, so each row reports the measured TLOps
+fraction next to the speed-up. The unrouted and routed models share all other weights and are timed interleaved
+in one process.
+
+    python scripts/bench_routing.py accuracy --steps 300 --out /tmp/routing_acc.json
+    python scripts/bench_routing.py speed --batch 8 --reps 3 --out /tmp/routing_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import tokenformer_vision  # noqa: F401  (registers the models)
+from tokenformer_vision import DigitsDataModule, TokenFormerViT
+
+THRESHOLDS = (1.0, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2)
+
+
+def machine() -> dict:
+    return {"torch": torch.__version__, "timm": timm.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()}
+
+
+# -------------------------------------------------------------------------------------------- accuracy
+def digits_model(routing: bool, penalty: float, args: argparse.Namespace) -> TokenFormerViT:
+    torch.manual_seed(args.seed)  # the shared weights start identical in every run (gates are built last)
+    return timm.create_model(
+        "tokenformer_tiny", img_size=args.img_size, patch_size=args.patch_size, embed_dim=args.dim,
+        depth=args.depth, num_heads=args.heads, num_classes=10, token_routing=routing, routing_loss_weight=penalty,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: TokenFormerViT, loader) -> dict:
+    model.eval()
+    correct = total = 0
+    processed = None
+    tokens = 0
+    for images, targets in loader:
+        correct += int((model(images).argmax(-1) == targets).sum())
+        total += len(targets)
+        if model.token_routing:
+            stats = model.routing_stats()
+            counts = stats.processed.sum(1)
+            processed = counts if processed is None else processed + counts
+            tokens += stats.processed.shape[1] * stats.tokens
+    out = {"acc1": 100.0 * correct / total, "images": total, "tlops": 1.0}
+    if processed is not None:
+        fractions = processed.double() / tokens
+        out.update(tlops=float(fractions.mean()), block_fractions=[round(float(f), 4) for f in fractions])
+    return out
+
+
+def train(model: TokenFormerViT, dm: DigitsDataModule, args: argparse.Namespace) -> dict:
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    warmup = max(1, args.steps // 10)
+    decay = max(1, args.steps - warmup)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then cosine to 0
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / decay)))))
+    torch.manual_seed(args.seed + 1)  # same data order and augmentations for every run
+    loader = dm.train_dataloader()
+    step, start = 0, time.perf_counter()
+    model.train()
+    while step < args.steps:
+        for images, targets in loader:
+            loss = F.cross_entropy(model(images), targets)
+            if model.token_routing:
+                loss = loss + model.routing_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step % 50 == 0 or step == args.steps:
+                extra = f" train-TLOps {model.routing_stats().tlops:.3f}" if model.token_routing else ""
+                print(f"  step {step}/{args.steps} loss {loss.item():.4f}{extra} ({time.perf_counter() - start:.0f}s)",
+                      flush=True)
+            if step >= args.steps:
+                break
+    return {"train_seconds": time.perf_counter() - start, "final_loss": float(loss)}
+
+
+def run_accuracy(args: argparse.Namespace) -> dict:
+    dm = DigitsDataModule(img_size=args.img_size, batch_size=args.batch, num_workers=0, persistent_workers=False,
+                          pin_memory=False, seed=args.seed)
+    dm.setup("fit")
+    val = dm.val_dataloader()
+    result = {"command": "accuracy", "args": vars(args), "machine_start": machine(), "runs": []}
+    configs = [("off", False, 0.0)] + [(f"on, λ={p:g}", True, p) for p in args.penalties]
+    for name, routing, penalty in configs:
+        print(f"== {name}", flush=True)
+        model = digits_model(routing, penalty, args)
+        params = sum(p.numel() for p in model.parameters())
+        run = {"name": name, "routing": routing, "penalty": penalty, "params": params, **train(model, dm, args)}
+        if routing:
+            run["sweep"] = []
+            for threshold in THRESHOLDS:
+                model.routing_threshold = threshold
+                run["sweep"].append({"threshold": threshold, **evaluate(model, val)})
+                print(f"  threshold {threshold}: {run['sweep'][-1]}", flush=True)
+            if args.save_dir:
+                from safetensors.torch import save_file
+                path = Path(args.save_dir) / f"digits_routed_l{penalty:g}.safetensors"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+                run["weights"] = str(path)
+        else:
+            run["eval"] = evaluate(model, val)
+            print(f"  eval: {run['eval']}", flush=True)
+        result["runs"].append(run)
+    result["machine_end"] = machine()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- speed
+@torch.inference_mode()
+def run_speed(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    base = timm.create_model(args.model, img_size=args.img, num_classes=1000).eval()
+    routed = timm.create_model(args.model, img_size=args.img, num_classes=1000, token_routing=True).eval()
+    missing, unexpected = routed.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and all(".router." in k for k in missing)
+    with torch.no_grad():  # spread the untrained gates' halting probabilities over (0, 1)
+        for block in routed.blocks[1:]:
+            block.router.fc2.weight.mul_(args.gate_scale)
+    x = torch.randn(args.batch, 3, args.img, args.img, generator=torch.Generator().manual_seed(0))
+    base(x), routed(x)  # warm-up (allocator, kernels)
+    base_times: list[float] = []
+    rows = {t: {"threshold": t, "times": []} for t in args.thresholds}
+    for rep in range(args.reps):
+        for threshold in (None, *args.thresholds):  # interleaved: load drifts hit all configs alike
+            model = base if threshold is None else routed
+            if threshold is not None:
+                routed.routing_threshold = threshold
+            start = time.perf_counter()
+            model(x)
+            elapsed = time.perf_counter() - start
+            if threshold is None:
+                base_times.append(elapsed)
+            else:
+                rows[threshold]["times"].append(elapsed)
+                rows[threshold]["tlops"] = routed.routing_stats().tlops
+        print(f"  rep {rep + 1}/{args.reps} done, load {os.getloadavg()[0]:.1f}", flush=True)
+    base_s = statistics.median(base_times)
+    table = []
+    for row in rows.values():
+        t = statistics.median(row["times"])
+        table.append({"threshold": row["threshold"], "tlops": round(row["tlops"], 4), "seconds": round(t, 3),
+                      "img_per_s": round(args.batch / t, 2), "speedup": round(base_s / t, 3),
+                      "times": [round(v, 3) for v in row["times"]]})
+        print(f"  threshold {row['threshold']}: TLOps {row['tlops']:.3f}, {t:.3f}s, speed-up {base_s / t:.2f}x",
+              flush=True)
+    return {"command": "speed", "args": vars(args), "machine_start": machine(),
+            "unrouted": {"seconds": round(base_s, 3), "img_per_s": round(args.batch / base_s, 2),
+                         "times": [round(v, 3) for v in base_times]},
+            "routed": table, "machine_end": machine()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    acc = sub.add_parser("accuracy", help="digits: accuracy and TLOps with vs without routing")
+    acc.add_argument("--steps", type=int, default=300)
+    acc.add_argument("--batch", type=int, default=64)
+    acc.add_argument("--lr", type=float, default=2e-3)
+    acc.add_argument("--img-size", type=int, default=16)
+    acc.add_argument("--patch-size", type=int, default=2)
+    acc.add_argument("--dim", type=int, default=64)
+    acc.add_argument("--depth", type=int, default=6)
+    acc.add_argument("--heads", type=int, default=2)
+    acc.add_argument("--penalties", type=float, nargs="+", default=[0.0, 0.05],
+                     help="routing_loss_weight of each routed run")
+    acc.add_argument("--seed", type=int, default=0)
+    acc.add_argument("--save-dir", default=None, help="save the routed models' weights here")
+    acc.add_argument("--out", default=None)
+    spd = sub.add_parser("speed", help="inference throughput vs kept fraction (hard skipping)")
+    spd.add_argument("--model", default="tokenformer_small")
+    spd.add_argument("--img", type=int, default=224)
+    spd.add_argument("--batch", type=int, default=8)
+    spd.add_argument("--reps", type=int, default=3)
+    spd.add_argument("--gate-scale", type=float, default=300.0)
+    spd.add_argument("--thresholds", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0.2, 0.1])
+    spd.add_argument("--out", default=None)
+    args = parser.parse_args()
+    result = run_accuracy(args) if args.command == "accuracy" else run_speed(args)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
