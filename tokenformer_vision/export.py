@@ -35,7 +35,7 @@ import torch
 from timm.models import get_model_input_config, save_for_hf
 from torch import nn
 
-from .model import TokenFormerViT, token_counts_from_state_dict
+from .model import TokenFormerViT, grow_to_token_counts, token_counts_from_state_dict
 
 __all__ = [
     "WEIGHTS_NAME",
@@ -247,13 +247,9 @@ def model_from_checkpoint(checkpoint: Mapping[str, Any], ema: bool = False) -> n
             if wrong:
                 detail = ", ".join(f"{k}: recorded {r}, weights {s}" for k, (r, s) in wrong.items())
                 raise ValueError(f"the checkpoint's token_counts disagree with its weights ({detail})")
-        have = {"attn_tokens": model.attn_tokens, "ffn_tokens": model.ffn_tokens}
-        smaller = {k: (have[k], saved[k]) for k in saved if saved[k] < have[k]}
-        if smaller:
-            detail = ", ".join(f"{k}: model {m}, checkpoint {c}" for k, (m, c) in smaller.items())
-            raise ValueError(f"the checkpoint has fewer parameter tokens than {model_name} built from its hparams "
-                             f"({detail}): the weights are of another model")
-        model.grow(**saved)  # save_timm_weights writes the grown counts into config.json's model_args
+        # save_timm_weights then writes the grown counts into config.json's model_args
+        grow_to_token_counts(model, saved, hint=f"the weights are of another model than {model_name} built from "
+                                                "the checkpoint's hparams")
     _load_strict(model, state_dict, f"{model_name} (built from the checkpoint's hparams {kwargs})")
     return model.eval()
 

@@ -33,7 +33,13 @@ from .layers import PattentionPatchEmbed, TokenFormerBlock
 from .pattention import Pattention, default_value_std
 from .routing import RoutingStats, check_routing_threshold
 
-__all__ = ["TokenFormerViT", "token_counts_from_state_dict", "checkpoint_filter_fn", "check_image_input"]
+__all__ = [
+    "TokenFormerViT",
+    "token_counts_from_state_dict",
+    "grow_to_token_counts",
+    "checkpoint_filter_fn",
+    "check_image_input",
+]
 
 # A Pattention validates its input and normalises in fp32: FX feature extraction keeps it as one leaf call.
 register_notrace_module(Pattention)
@@ -459,6 +465,21 @@ def token_counts_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict
     return out
 
 
+def grow_to_token_counts(model: TokenFormerViT, saved: Mapping[str, int], hint: str) -> None:
+    """Grow ``model`` to the token counts ``saved`` (from :func:`token_counts_from_state_dict`) before loading.
+
+    Growth only appends tokens, so a checkpoint with fewer tokens than the model is of another model: ValueError
+    naming both counts, followed by ``hint`` (what the caller should do instead).
+    """
+    have = {"attn_tokens": model.attn_tokens, "ffn_tokens": model.ffn_tokens}
+    smaller = {k: (have[k], saved[k]) for k in saved if saved[k] < have[k]}
+    if smaller:
+        detail = ", ".join(f"{k}: model {m}, checkpoint {c}" for k, (m, c) in smaller.items())
+        raise ValueError(f"the checkpoint has fewer parameter tokens than the model ({detail}): {hint}")
+    if any(saved[k] != have[k] for k in saved):
+        model.grow(**saved)
+
+
 def _check_head_classes(state_dict: Mapping[str, torch.Tensor], model: TokenFormerViT) -> None:
     """Weights file loaded through a pretrained cfg (``file=``/``local-dir:``): timm keeps the saved head when the
     model's num_classes equals the cfg's, so a cfg num_classes that disagrees with the file's head is an error."""
@@ -506,14 +527,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: TokenFor
         if wrong:
             detail = ", ".join(f"{k}: config.json {c}, weights file {s}" for k, (c, s) in wrong.items())
             raise ValueError(f"config.json's token counts disagree with the weights file ({detail})")
-        have = {"attn_tokens": model.attn_tokens, "ffn_tokens": model.ffn_tokens}
-        smaller = {k: (have[k], saved[k]) for k in saved if saved[k] < have[k]}
-        if smaller:
-            detail = ", ".join(f"{k}: model {m}, checkpoint {c}" for k, (m, c) in smaller.items())
-            raise ValueError(f"checkpoint has fewer parameter tokens than the model ({detail}); build the model "
-                             "with the checkpoint's attn_tokens/ffn_tokens")
-        if saved != have:
-            model.grow(**saved)
+        grow_to_token_counts(model, saved, hint="build the model with the checkpoint's attn_tokens/ffn_tokens")
     _check_head_classes(out, model)
     pos = out.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape:
