@@ -5,12 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-CONFIGS=(--config configs/demo/digits.yaml --config configs/demo/digits_grow.yaml)
+CONFIGS=(--config configs/demo/digits.yaml)
 
 start=$(date +%s)
 "$PY" -m tokenformer_vision.cli fit "${CONFIGS[@]}" --trainer.enable_progress_bar false "$@"
 # the newest run of this experiment (the fit above logged to a new version_N folder)
-run=$(ls -td runs/digits_grow/version_* | head -n 1)
+run=$(ls -td runs/digits/version_* | head -n 1)
 "$PY" -m tokenformer_vision.cli validate "${CONFIGS[@]}" --ckpt_path best --trainer.enable_progress_bar false
 "$PY" scripts/plot_metrics.py "$run/metrics.csv" --out "$run/metrics.png"
 echo "demo: $(( $(date +%s) - start )) s; log, checkpoints and plot in $run"

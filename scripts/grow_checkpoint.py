@@ -132,7 +132,8 @@ def classifier_param_names(hparams: dict[str, Any], counts: dict[str, int]) -> l
     """Parameter names of each optimizer param group, in the order ImageClassifier.configure_optimizers uses."""
     from tokenformer_vision import ImageClassifier
 
-    hp = {k: v for k, v in hparams.items() if k != "pretrained"}
+    # the CLI also records LightningCLI internals (e.g. "_instantiator") that are no constructor arguments
+    hp = {k: v for k, v in hparams.items() if k != "pretrained" and not k.startswith("_")}
     module = ImageClassifier(**hp)
     module.model.grow(**counts)
     names = {id(p): n for n, p in module.named_parameters()}

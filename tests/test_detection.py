@@ -316,6 +316,17 @@ def test_load_from_lightning_checkpoint(tmp_path):
                                    backbone_kwargs=SHALLOW, **SMALL)
     _check_loaded(model, src)
 
+    # with EMA weights in the checkpoint (ImageClassifier(ema_decay=...)), those are the ones loaded
+    ema = _trained_classifier()
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.01)
+    state.update({f"ema.module.{k}": v for k, v in ema.state_dict().items()})
+    torch.save({"state_dict": state, "epoch": 3, "global_step": 120}, path)
+    model = fasterrcnn_tokenformer("tokenformer_tiny", num_classes=3, backbone_weights=path,
+                                   backbone_kwargs=SHALLOW, **SMALL)
+    _check_loaded(model, ema)
+
 
 def test_load_from_safetensors_and_pth(tmp_path):
     src = _trained_classifier()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 from timm.utils import ModelEmaV3
 
@@ -269,3 +270,19 @@ def test_grow_model_rejects_shrinking_and_non_tokenformer():
         grow_model(model, attn_tokens=4)
     with pytest.raises(TypeError, match="grow"):
         grow_model(torch.nn.Linear(3, 3), attn_tokens=4)
+
+
+@pytest.mark.parametrize("new_parameters", [False, True])
+def test_pending_gradients_grow_with_their_parameters(new_parameters):
+    torch.manual_seed(0)
+    model = timm.create_model("tokenformer_tiny", img_size=32, patch_size=8, depth=2, num_classes=3)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()  # a pending gradient, as in the middle of accumulation
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grown = {g.name: g for g in grow_model(model, attn_tokens=256, new_parameters=new_parameters)}
+    assert grown
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.shape == param.shape, name
+        rows = before[name].shape[0]
+        torch.testing.assert_close(param.grad[:rows], before[name], rtol=0, atol=0)
+        assert not param.grad[rows:].any(), name
+    model(torch.randn(2, 3, 32, 32)).sum().backward()  # accumulating into the grown gradients works

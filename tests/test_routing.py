@@ -321,3 +321,45 @@ def test_metrics_callback_logs_exact_tlops_and_fills_predictions():
     assert [tuple(p["tlops"].shape) for p in predictions] == [(4,), (2,)]
     torch.testing.assert_close(torch.cat([p["tlops"] for p in predictions]), want.per_image().float())
     assert callback.predict_stats.tlops == pytest.approx(want.tlops, abs=1e-9)
+
+
+def test_image_classifier_routing_penalty_metrics_and_prediction_file(tmp_path, imagefolder):
+    from tokenformer_vision import ImageClassifier, ImageFolderDataModule
+    from tokenformer_vision.prediction import PredictionWriter
+
+    def fit_loss(weight: float) -> tuple[float, L.Trainer, ImageClassifier]:
+        torch.manual_seed(0)
+        module = ImageClassifier("tokenformer_tiny", num_classes=3, img_size=32,
+                                 model_kwargs=dict(patch_size=8, depth=3, token_routing=True,
+                                                   routing_loss_weight=weight))
+        dm = ImageFolderDataModule(imagefolder, img_size=32, model_name="tokenformer_tiny", batch_size=4,
+                                   num_workers=0, rand_augment=False, persistent_workers=False, pin_memory=False)
+        losses = []
+
+        class Record(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                losses.append(float(outputs["loss"]))
+
+        trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, accelerator="cpu",
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Record()],
+                            default_root_dir=tmp_path)
+        trainer.fit(module, dm)
+        return losses[0], trainer, module
+
+    base_loss, trainer, module = fit_loss(0.0)
+    weighted_loss, _, _ = fit_loss(2.0)
+    # the penalty λ·mean(1 − p) enters the training loss: same seed, data and weights, only λ differs
+    assert 0.0 < weighted_loss - base_loss <= 2.0
+    assert any(isinstance(c, RoutingMetricsCallback) for c in trainer.callbacks)  # added by the module
+    assert 0.0 < float(trainer.callback_metrics["val/tlops"]) <= 1.0
+
+    out = tmp_path / "preds.csv"
+    dm = ImageFolderDataModule(imagefolder, img_size=32, model_name="tokenformer_tiny", batch_size=4, num_workers=0,
+                               persistent_workers=False, pin_memory=False)
+    predictor = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                          callbacks=[PredictionWriter(out)])
+    predictor.predict(module, datamodule=dm)
+    rows = out.read_text().splitlines()
+    assert rows[0].endswith(",tlops") and len(rows) == 13
+    assert all(0.0 < float(r.rsplit(",", 1)[1]) <= 1.0 for r in rows[1:])

@@ -296,6 +296,9 @@ class ImageClassifier(LightningModule):
             images, targets = self._mix(images, targets)
         loss = self.train_loss_fn(self.model(images), targets)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(images))
+        if getattr(self.model, "token_routing", False):
+            # token routing's compute penalty λ·mean(1 − p) of this forward (exactly 0 at the default λ = 0)
+            loss = loss + self.model.routing_loss()
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -335,9 +338,26 @@ class ImageClassifier(LightningModule):
             images = batch[0]
             targets = batch[1] if len(batch) > 1 else None
             indices = batch[2] if len(batch) > 2 else None
-        probs = self.eval_model(images).float().softmax(dim=-1)
+        model = self.eval_model
+        probs = model(images).float().softmax(dim=-1)
         top_probs, top_idx = probs.topk(min(self.hparams.top_k, probs.shape[-1]), dim=-1)
-        return {"topk_indices": top_idx, "topk_probs": top_probs, "targets": targets, "indices": indices}
+        out = {"topk_indices": top_idx, "topk_probs": top_probs, "targets": targets, "indices": indices}
+        stats = model.routing_stats(strict=False) if getattr(model, "token_routing", False) else None
+        if stats is not None:  # per-image fraction of the unrouted model's token-layer operations executed
+            out["tlops"] = stats.per_image().float()
+        return out
+
+    def configure_callbacks(self) -> list[Any]:
+        """With token routing, add :class:`~tokenformer_vision.routing.RoutingMetricsCallback` (``val/tlops``
+        and per-block fractions in validation) unless the trainer already has one."""
+        if not getattr(self.model, "token_routing", False):
+            return []
+        from .routing import RoutingMetricsCallback
+
+        trainer = self._trainer
+        if trainer is not None and any(isinstance(c, RoutingMetricsCallback) for c in trainer.callbacks):
+            return []
+        return [RoutingMetricsCallback()]
 
     # ------------------------------------------------------------------------------------------ optimizer
     def param_groups(self) -> list[dict[str, Any]]:

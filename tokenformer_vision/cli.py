@@ -54,7 +54,8 @@ def resolve_checkpoint(which: str, checkpoint_dir: str | None, logger_dir: str |
     """Resolve ``"last"``/``"best"`` to a file from an earlier run (a new process has no in-memory best path).
 
     Every CLI run logs to a new ``version_N`` folder, so Lightning itself only looks for ``last.ckpt`` in the
-    folder of the run being started. Here the newest ``last*.ckpt`` under ``checkpoint_dir`` (an explicit
+    folder of the run being started. (``fit`` resumed this way keeps writing checkpoints next to the resumed one.)
+    Here the newest ``last*.ckpt`` under ``checkpoint_dir`` (an explicit
     ``--checkpoint.dirpath``) or ``logger_dir/*/checkpoints`` is taken; for ``"best"`` the ModelCheckpoint
     state inside it names the best file. Returns None when there is no earlier run.
     """
@@ -100,6 +101,21 @@ class LastAndBestCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_last_now(trainer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores best score and top-k only when the saved dirpath equals this one, comparing strings:
+        # a logger-derived relative path and the same folder given as --checkpoint.dirpath (made absolute by
+        # Lightning) count as different. Compare real paths, and make the saved file paths absolute too, so that
+        # the resumed run keeps its best checkpoint and overwrites last.ckpt instead of writing last-v1.ckpt.
+        saved_dir = state_dict.get("dirpath")
+        if saved_dir and self.dirpath and os.path.realpath(saved_dir) == os.path.realpath(self.dirpath):
+            state_dict = dict(state_dict, dirpath=self.dirpath)
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                if state_dict.get(key):
+                    state_dict[key] = os.path.realpath(state_dict[key])
+            if "best_k_models" in state_dict:
+                state_dict["best_k_models"] = {os.path.realpath(k): v for k, v in state_dict["best_k_models"].items()}
+        super().load_state_dict(state_dict)
 
     def _save_last_now(self, trainer: Trainer) -> None:
         # skipped when the parent already saved in this step (then last.ckpt is current)
@@ -147,6 +163,10 @@ class TokenFormerCLI(LightningCLI):
         if path is not None:
             print(f"tokenformer-vision: ckpt_path={which} -> {path}", file=sys.stderr)
             cfg["ckpt_path"] = path
+            if sub == "fit" and not _get(cfg, "checkpoint.dirpath"):
+                # keep checkpointing into the resumed run's folder: ModelCheckpoint restores its best score and
+                # top-k only for the same dirpath, so a new folder would let a worse epoch become "best"
+                cfg["checkpoint"]["dirpath"] = os.path.dirname(path)
         elif which == "best":
             raise FileNotFoundError(f"ckpt_path='best': no earlier run with a last.ckpt under "
                                     f"{_get(cfg, 'checkpoint.dirpath') or logger_dir}")

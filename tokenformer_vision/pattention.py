@@ -158,14 +158,19 @@ class Pattention(nn.Module):
             new_values.normal_(std=self.value_std)
         grown_key = torch.cat([key.detach(), new_keys], dim=0)
         grown_value = torch.cat([value.detach(), new_values], dim=0)
+        # a pending gradient (e.g. mid gradient accumulation) keeps its rows; the new tokens' rows are zero, as
+        # they took no part in the forward that produced it. Left at the old shape, it would break the next step.
+        grads = [None if p.grad is None else torch.cat([p.grad, p.grad.new_zeros(extra, *p.grad.shape[1:])])
+                 for p in (key, value)]
         if new_parameters:
             self.key_param = nn.Parameter(grown_key, requires_grad=key.requires_grad)
             self.value_param = nn.Parameter(grown_value, requires_grad=value.requires_grad)
+            key.grad = value.grad = None
         else:
+            key.grad = value.grad = None  # before .data changes shape: a grad must match its parameter
             key.data = grown_key
             value.data = grown_value
-            key.grad = None
-            value.grad = None
+        self.key_param.grad, self.value_param.grad = grads
 
     def extra_repr(self) -> str:
         tau = "dynamic" if self.dynamic_scale else f"{float(self.tau):.4g}" if not self.tau.is_meta else "meta"

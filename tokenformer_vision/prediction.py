@@ -31,7 +31,7 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, output_path: str | os.PathLike) -> None:
         super().__init__(write_interval="batch")
         self.output_path = os.fspath(output_path)
-        self._rows: list[tuple[int, int, list[int], list[float]]] = []
+        self._rows: list[tuple[int, int, list[int], list[float], float | None]] = []
         self._seen = 0
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -53,8 +53,10 @@ class PredictionWriter(BasePredictionWriter):
             indices = list(range(self._seen, self._seen + n))
         targets = prediction.get("targets")
         targets = targets.cpu().tolist() if isinstance(targets, torch.Tensor) else [-1] * n
+        tlops = prediction.get("tlops")  # token routing: per-image fraction of token-layer operations executed
+        tlops = tlops.float().cpu().tolist() if isinstance(tlops, torch.Tensor) else [None] * n
         self._seen += n
-        self._rows.extend(zip(indices, targets, top_idx, top_prob, strict=True))
+        self._rows.extend(zip(indices, targets, top_idx, top_prob, tlops, strict=True))
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rows = self._rows
@@ -67,7 +69,7 @@ class PredictionWriter(BasePredictionWriter):
             self.write(trainer, [unique[i] for i in sorted(unique)])
         self._rows = []
 
-    def write(self, trainer: Trainer, rows: list[tuple[int, int, list[int], list[float]]]) -> None:
+    def write(self, trainer: Trainer, rows: list[tuple[int, int, list[int], list[float], float | None]]) -> None:
         dm = trainer.datamodule
         class_names = list(getattr(dm, "class_names", None) or [])
         names: list[str] = dm.predict_names() if hasattr(dm, "predict_names") else []
@@ -82,19 +84,22 @@ class PredictionWriter(BasePredictionWriter):
         os.makedirs(folder, exist_ok=True)
         if self.output_path.endswith(".json"):
             records = [{"name": name(i), "target": cls(t) if t >= 0 else None,
-                        "topk": [{"class": cls(c), "prob": p} for c, p in zip(top, probs, strict=True)]}
-                       for i, t, top, probs in rows]
+                        "topk": [{"class": cls(c), "prob": p} for c, p in zip(top, probs, strict=True)],
+                        **({"tlops": tl} if tl is not None else {})}
+                       for i, t, top, probs, tl in rows]
             with open(self.output_path, "w") as f:
                 json.dump(records, f, indent=1)
             return
         k = max((len(r[2]) for r in rows), default=0)
         header = ["name", "target"] + [col for j in range(1, k + 1) for col in (f"top{j}", f"prob{j}")]
+        routed = any(r[4] is not None for r in rows)
         with open(self.output_path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(header)
-            for i, t, top, probs in rows:
+            writer.writerow(header + (["tlops"] if routed else []))
+            for i, t, top, probs, tl in rows:
                 cells = [cell for c, p in zip(top, probs, strict=True) for cell in (cls(c), f"{p:.6f}")]
-                writer.writerow([name(i), cls(t) if t >= 0 else "", *cells])
+                extra = [f"{tl:.6f}" if tl is not None else ""] if routed else []
+                writer.writerow([name(i), cls(t) if t >= 0 else "", *cells, *extra])
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -107,7 +112,7 @@ def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path, newline="") as f:
         out = []
         for row in csv.DictReader(f):
-            k = sum(1 for key in row if key.startswith("top"))
+            k = sum(1 for key in row if key.startswith("top") and key[3:].isdigit())
             out.append({"name": row["name"], "target": row["target"] or None,
                         "topk": [(row[f"top{j}"], float(row[f"prob{j}"])) for j in range(1, k + 1)]})
         return out

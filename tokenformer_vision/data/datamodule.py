@@ -223,7 +223,9 @@ class ImageFolderDataModule(ImageClassificationDataModule):
                          random_erasing=random_erasing, scale=scale, affine=affine, fill=fill,
                          pin_memory=pin_memory,
                          persistent_workers=persistent_workers, drop_last=drop_last, seed=seed)
-        self.save_hyperparameters()
+        # model_name/img_size are the model's: logged by ImageClassifier, and a second (possibly None) copy here
+        # would clash when Lightning merges the module's and the data module's hyper-parameters
+        self.save_hyperparameters(ignore=["model_name", "img_size"])
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset root {self.root} does not exist or is not a folder.\n{LAYOUT_HELP}")

@@ -82,7 +82,9 @@ class DigitsDataModule(ImageClassificationDataModule):
                          random_erasing=random_erasing, scale=scale, affine=affine, fill=fill,
                          pin_memory=pin_memory,
                          persistent_workers=persistent_workers, drop_last=drop_last, seed=seed)
-        self.save_hyperparameters()
+        # model_name/img_size are the model's: logged by ImageClassifier, and a second (possibly None) copy here
+        # would clash when Lightning merges the module's and the data module's hyper-parameters
+        self.save_hyperparameters(ignore=["model_name", "img_size"])
         self.val_fraction = val_fraction
         self.class_names = [str(i) for i in range(10)]
         size = max(self.transform_config.img_size)

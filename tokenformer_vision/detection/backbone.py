@@ -134,8 +134,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
         raise ValueError(f"{path} contains no tensors")
-    if any(k.startswith("model.") for k in state):  # Lightning: keep only the LightningModule's `model`
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    # Lightning checkpoint of ImageClassifier: the EMA weights when it kept them (what it validated with, and what
+    # ImageClassifier(pretrained=...) loads), else the LightningModule's `model`
+    for prefix in ("ema.module.", "model."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
     out = {}
     for key, value in state.items():
         for prefix in _WRAPPER_PREFIXES:
