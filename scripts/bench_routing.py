@@ -1,8 +1,9 @@
-"""Token-selective routing benchmarks (docs/benchmarks/routing.md).
+"""Token-selective routing benchmarks (docs/benchmarks.md, "Token-selective routing").
 
-``accuracy``: train the same small TokenFormer on scikit-learn's digits (``DigitsDataModule``) with and without
-routing at the same budget (steps, batch, seed, data order), then evaluate the routed model at a sweep of
-thresholds: top-1 accuracy and TLOps fraction of each. Writes JSON and the routed weights (safetensors).
+``accuracy``: train the same small TokenFormer on scikit-learn's digits through ``ImageClassifier`` and
+``DigitsDataModule`` with and without routing at the same budget (epochs, batch, recipe, seed, data order), then
+evaluate the routed models at a sweep of thresholds: top-1 accuracy and TLOps fraction of each. Writes JSON and the
+routed weights (safetensors).
 
 ``speed``: wall-clock inference throughput of ``tokenformer_small`` (224², CPU) with hard skipping vs the unrouted
 model, over a threshold sweep. The gates are untrained (last layer scaled so that halting probabilities spread
@@ -10,7 +11,7 @@ over (0, 1)): speed depends only on how many tokens each block keeps, so each ro
 fraction next to the speed-up. The unrouted and routed models share all other weights and are timed interleaved
 in one process.
 
-    python scripts/bench_routing.py accuracy --steps 300 --out /tmp/routing_acc.json
+    python scripts/bench_routing.py accuracy --epochs 30 --out /tmp/routing_acc.json
     python scripts/bench_routing.py speed --batch 8 --reps 3 --out /tmp/routing_speed.json
 """
 
@@ -18,19 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
+import lightning as L
 import timm
 import torch
-import torch.nn.functional as F
 
 import tokenformer_vision  # noqa: F401  (registers the models)
-from tokenformer_vision import DigitsDataModule, TokenFormerViT
+from tokenformer_vision import DigitsDataModule, ImageClassifier, TokenFormerViT
 
 THRESHOLDS = (1.0, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2)
 
@@ -41,16 +41,9 @@ def machine() -> dict:
 
 
 # -------------------------------------------------------------------------------------------- accuracy
-def digits_model(routing: bool, penalty: float, args: argparse.Namespace) -> TokenFormerViT:
-    torch.manual_seed(args.seed)  # the shared weights start identical in every run (gates are built last)
-    return timm.create_model(
-        "tokenformer_tiny", img_size=args.img_size, patch_size=args.patch_size, embed_dim=args.dim,
-        depth=args.depth, num_heads=args.heads, num_classes=10, token_routing=routing, routing_loss_weight=penalty,
-    )
-
-
 @torch.no_grad()
 def evaluate(model: TokenFormerViT, loader) -> dict:
+    """Top-1 accuracy (%) and TLOps fraction (exact token counts) of ``model`` in eval mode over ``loader``."""
     model.eval()
     correct = total = 0
     processed = None
@@ -70,47 +63,36 @@ def evaluate(model: TokenFormerViT, loader) -> dict:
     return out
 
 
-def train(model: TokenFormerViT, dm: DigitsDataModule, args: argparse.Namespace) -> dict:
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    warmup = max(1, args.steps // 10)
-    decay = max(1, args.steps - warmup)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then cosine to 0
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / decay)))))
-    torch.manual_seed(args.seed + 1)  # same data order and augmentations for every run
-    loader = dm.train_dataloader()
-    step, start = 0, time.perf_counter()
-    model.train()
-    while step < args.steps:
-        for images, targets in loader:
-            loss = F.cross_entropy(model(images), targets)
-            if model.token_routing:
-                loss = loss + model.routing_loss()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if step % 50 == 0 or step == args.steps:
-                extra = f" train-TLOps {model.routing_stats().tlops:.3f}" if model.token_routing else ""
-                print(f"  step {step}/{args.steps} loss {loss.item():.4f}{extra} ({time.perf_counter() - start:.0f}s)",
-                      flush=True)
-            if step >= args.steps:
-                break
-    return {"train_seconds": time.perf_counter() - start, "final_loss": float(loss)}
+def train(routing: bool, penalty: float, args: argparse.Namespace) -> tuple[TokenFormerViT, dict]:
+    """Train through the library's own path (ImageClassifier + DigitsDataModule + Lightning), same recipe, seed and
+    data order for every run; only ``token_routing``/``routing_loss_weight`` differ."""
+    L.seed_everything(args.seed, verbose=False)
+    module = ImageClassifier(
+        "tokenformer_tiny", num_classes=10, img_size=args.img_size, lr=args.lr, weight_decay=0.05,
+        betas=(0.9, 0.95), warmup_epochs=2, min_lr=1e-5, label_smoothing=0.1,
+        model_kwargs=dict(patch_size=args.patch_size, embed_dim=args.dim, depth=args.depth, num_heads=args.heads,
+                          token_routing=routing, routing_loss_weight=penalty),
+    )
+    dm = DigitsDataModule(img_size=args.img_size, batch_size=args.batch, num_workers=0, seed=args.seed)
+    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                        limit_val_batches=0, num_sanity_val_steps=0)
+    start = time.perf_counter()
+    trainer.fit(module, dm)
+    return module.model, {"train_seconds": round(time.perf_counter() - start, 1),
+                          "steps": trainer.global_step, "params": sum(p.numel() for p in module.model.parameters())}
 
 
 def run_accuracy(args: argparse.Namespace) -> dict:
-    dm = DigitsDataModule(img_size=args.img_size, batch_size=args.batch, num_workers=0, persistent_workers=False,
-                          pin_memory=False, seed=args.seed)
-    dm.setup("fit")
+    dm = DigitsDataModule(img_size=args.img_size, batch_size=args.batch, num_workers=0, seed=args.seed)
+    dm.setup("validate")
     val = dm.val_dataloader()
     result = {"command": "accuracy", "args": vars(args), "machine_start": machine(), "runs": []}
     configs = [("off", False, 0.0)] + [(f"on, λ={p:g}", True, p) for p in args.penalties]
     for name, routing, penalty in configs:
         print(f"== {name}", flush=True)
-        model = digits_model(routing, penalty, args)
-        params = sum(p.numel() for p in model.parameters())
-        run = {"name": name, "routing": routing, "penalty": penalty, "params": params, **train(model, dm, args)}
+        model, info = train(routing, penalty, args)
+        run = {"name": name, "routing": routing, "penalty": penalty, **info}
         if routing:
             run["sweep"] = []
             for threshold in THRESHOLDS:
@@ -179,14 +161,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     acc = sub.add_parser("accuracy", help="digits: accuracy and TLOps with vs without routing")
-    acc.add_argument("--steps", type=int, default=300)
+    acc.add_argument("--epochs", type=int, default=30)
     acc.add_argument("--batch", type=int, default=64)
     acc.add_argument("--lr", type=float, default=2e-3)
-    acc.add_argument("--img-size", type=int, default=16)
-    acc.add_argument("--patch-size", type=int, default=2)
-    acc.add_argument("--dim", type=int, default=64)
+    acc.add_argument("--img-size", type=int, default=32)
+    acc.add_argument("--patch-size", type=int, default=4)
+    acc.add_argument("--dim", type=int, default=96)
     acc.add_argument("--depth", type=int, default=6)
-    acc.add_argument("--heads", type=int, default=2)
+    acc.add_argument("--heads", type=int, default=3)
     acc.add_argument("--penalties", type=float, nargs="+", default=[0.0, 0.05],
                      help="routing_loss_weight of each routed run")
     acc.add_argument("--seed", type=int, default=0)
@@ -197,8 +179,8 @@ def main() -> None:
     spd.add_argument("--img", type=int, default=224)
     spd.add_argument("--batch", type=int, default=8)
     spd.add_argument("--reps", type=int, default=3)
-    spd.add_argument("--gate-scale", type=float, default=300.0)
-    spd.add_argument("--thresholds", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0.2, 0.1])
+    spd.add_argument("--gate-scale", type=float, default=30.0)
+    spd.add_argument("--thresholds", type=float, nargs="+", default=[1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
     spd.add_argument("--out", default=None)
     args = parser.parse_args()
     result = run_accuracy(args) if args.command == "accuracy" else run_speed(args)

@@ -213,11 +213,15 @@ def test_transform_settings_follow_model_cfg(imagefolder):
 
 def test_corrupt_image_is_skipped_with_warning_and_counted(imagefolder):
     dm = small_dm(imagefolder, batch_size=4, drop_last=False)
+    torch.manual_seed(0)  # the shuffle follows the global RNG (Lightning seeds it): fix it for this test
     with pytest.warns(UserWarning, match="corrupt.JPEG"):
         batches = [b for b in dm.train_dataloader() if b is not None]
     assert dm.skipped_images == 1
     assert sum(len(t) for _, t in batches) == N_TRAIN
-    assert any(len(t) == 3 for _, t in batches)  # the batch that held the corrupt file shrank
+    # 25 files in batches of 4: the batch that held the corrupt file shrank by one (or, had it been the last,
+    # one-file batch, that batch vanished)
+    sizes = sorted(len(t) for _, t in batches)
+    assert sizes in ([1, 3] + [4] * 5, [4] * 6), sizes
     # a dataset of only unreadable files yields None batches instead of crashing
     bad = ImageFileDataset([(str(imagefolder / IMAGEFOLDER_CORRUPT), 0)] * 3, dm.build_transform(False))
     with pytest.warns(UserWarning, match="unreadable"):

@@ -149,8 +149,8 @@ class RoutingStats:
 def masked_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``PattentionAttention`` forward with an additive key bias ``[B, 1, 1, N]`` (log keep-gate / −inf for pads).
 
-    Relies on the documented contract of ``PattentionAttention`` (``.q .k .v .proj`` Pattentions, ``num_heads``,
-    ``attn_drop``, ``proj_drop``); the unrouted model keeps calling the class's own ``forward``.
+    Relies on the documented contract of ``PattentionAttention`` (``.qkv()`` giving the three projections, ``.proj``,
+    ``num_heads``, ``attn_drop``, ``proj_drop``); the unrouted model keeps calling the class's own ``forward``.
     """
     B, N, C = x.shape
     heads = attn.num_heads
@@ -158,7 +158,7 @@ def masked_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> to
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.view(B, N, heads, C // heads).transpose(1, 2)
 
-    q, k, v = split(attn.q(x)), split(attn.k(x)), split(attn.v(x))
+    q, k, v = (split(t) for t in attn.qkv(x))  # one fused GEMM for Q, K, V where the layers allow it
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
                                          dropout_p=attn.attn_drop if attn.training else 0.0)
     return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, N, C)))
