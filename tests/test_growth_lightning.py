@@ -351,3 +351,25 @@ def test_grow_checkpoint_script_on_ckpt_and_safetensors(tmp_path, capsys):
     with pytest.raises(ValueError, match="shrink"):
         grow_script(str(weights), str(tmp_path / "x.safetensors"), "--ffn-tokens", "8",
                     "--model-kwargs", '{"num_heads": 2}')
+
+
+def test_bf16_mixed_fit_grows_and_trains(tmp_path):
+    """bf16-mixed autocast on CPU through Lightning: the fast Pattention path under autocast, growth mid-fit (the
+    Δlogits check runs under the same autocast), finite losses and a validated model in fp32 parameters."""
+    torch.manual_seed(0)
+    module = ImageClassifier(**MODEL)
+    growth = GrowthCallback([{"step": 2, "attn_tokens": 16, "ffn_tokens": 32}])
+    losses: list[float] = []
+
+    class Losses(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    fit = trainer(tmp_path, [growth, Losses()], max_steps=4, precision="bf16-mixed", limit_val_batches=1,
+                  deterministic=False)
+    fit.fit(module, RandomImages())
+    assert (module.model.attn_tokens, module.model.ffn_tokens) == (16, 32)
+    assert len(growth.events) == 1 and growth.events[0]["max_abs_dlogits"] < 0.1  # bf16 logits: ~1e-2 resolution
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert 0.0 <= float(fit.callback_metrics["val/acc1"]) <= 1.0

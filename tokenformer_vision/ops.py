@@ -138,6 +138,16 @@ def pattention_reference(x: torch.Tensor, keys: Sequence[torch.Tensor], values: 
 
 
 # --------------------------------------------------------------------------------------------- fused path
+def _gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for the forward GEMMs, written as ``addmm`` with a zero bias (the same result: x + 0 = x).
+
+    ``nn.Linear`` reaches the BLAS through ``addmm``, and on the development CPU that dispatch ran the small-M GEMMs
+    of batch-1 inference faster than ``mm`` (TokenFormer-B at batch 1: 0.91x -> 0.97x of ViT-B's throughput, no
+    change at batch 8 and 32; docs/benchmarks.md).
+    """
+    return torch.addmm(a.new_zeros(b.shape[1]), a, b)
+
+
 def _fused_forward(x2d: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], tau: Tau,
                    eps: float, for_backward: bool) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
     """Forward of G Pattentions sharing the input ``x2d [T, d_in]``: one GEMM for all scores.
@@ -149,7 +159,7 @@ def _fused_forward(x2d: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequ
     groups, n = len(keys), keys[0].shape[0]
     rows = x2d.shape[0]
     key_cat = keys[0] if groups == 1 else torch.cat(list(keys), dim=0)
-    scores = torch.mm(x2d, key_cat.t())  # [T, G·n], a fresh buffer we may overwrite
+    scores = _gemm(x2d, key_cat.t())  # [T, G·n], a fresh buffer we may overwrite
     cdt = _compute_dtype(scores.dtype)
     widened = scores.dtype != cdt
     w = scores.view(rows, groups, n)
@@ -163,7 +173,7 @@ def _fused_forward(x2d: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequ
         weights = torch.ops.aten.gelu_(u)  # inference: nothing is kept, so overwrite u as well
     weights = weights.to(x2d.dtype)
     # each group's slice [T, n] has row stride G·n: a valid BLAS leading dimension, so no copy is made
-    outs = [torch.mm(weights[:, i], values[i]) for i in range(groups)]
+    outs = [_gemm(weights[:, i], values[i]) for i in range(groups)]
     return outs, saved, norm
 
 
