@@ -34,7 +34,7 @@ def load_state(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         from safetensors.torch import load_file
 
         return load_file(path), {}
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never run code from a weights file
     hparams = dict(ckpt.get("hyper_parameters", {})) if isinstance(ckpt, dict) else {}
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
     ema = {k[len("ema.module."):]: v for k, v in state.items() if k.startswith("ema.module.")}
