@@ -1,9 +1,8 @@
 """GrowthCallback inside Lightning: exactness, optimizer/scheduler/EMA after growth, resume, DDP, CLI, offline
-growth of checkpoints (scripts/grow_checkpoint.py)."""
+growth of checkpoints (`tokenformer-vision grow`)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from tokenformer_vision import GrowthCallback, ImageClassifier
+from tokenformer_vision.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiny TokenFormer: d 32, 2 blocks, 8 attention / 16 FFN tokens, 32x32 input in 16 patches
@@ -134,7 +134,7 @@ def test_fit_grows_exactly_and_optimizer_scheduler_ema_follow(tmp_path):
     assert opt.param_groups[0]["lr"] == pytest.approx(lam(6) * base, rel=1e-9)
 
     # the new tokens learned
-    key = module.model.blocks[0].mlp.key_param
+    key = module.model.blocks[0].ffn.key_param
     assert key[16:].abs().max() > 0
 
     metrics = (Path(logger.log_dir) / "metrics.csv").read_text()
@@ -237,8 +237,8 @@ def test_ddp_growth_keeps_ranks_identical(tmp_path):
         assert r["opt_matches"]
         assert [e["step"] for e in r["events"]] == [2]
         assert r["events"][0]["max_abs_dlogits"] <= 1e-5
-        assert r["state"]["model.blocks.1.mlp.key_param"].shape == (24, 32)
-        assert r["state"]["model.blocks.1.mlp.key_param"][16:].abs().max() > 0  # trained after growth
+        assert r["state"]["model.blocks.1.ffn.key_param"].shape == (24, 32)
+        assert r["state"]["model.blocks.1.ffn.key_param"][16:].abs().max() > 0  # trained after growth
     assert r0["state"].keys() == r1["state"].keys()
     for key in r0["state"]:
         assert torch.equal(r0["state"][key], r1["state"][key]), key
@@ -293,29 +293,19 @@ def test_cli_fit_resume_validate_predict_with_growth(tmp_path, monkeypatch):
     assert out.is_file() and len(out.read_text().splitlines()) > 10
 
 
-def grow_script(*args: str) -> int:
-    """scripts/grow_checkpoint.py's main(), in-process (a subprocess would pay the torch import again)."""
-    spec = importlib.util.spec_from_file_location("grow_checkpoint", ROOT / "scripts" / "grow_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(list(args))
-
-
-def test_grow_checkpoint_script_on_ckpt_and_safetensors(tmp_path, capsys):
+def test_grow_subcommand_on_a_checkpoint(tmp_path, capsys):
     module, _, _ = run_with_checkpoints(tmp_path, [{"step": 100, "attn_tokens": 12}], max_steps=4)
     src = tmp_path / "ckpt" / "step=4.ckpt"
     dst = tmp_path / "grown.ckpt"
     capsys.readouterr()
-    assert grow_script(str(src), str(dst), "--attn-tokens", "12", "--ffn-tokens", "20") == 0
-    stdout = capsys.readouterr().out
-    assert "optimizer state grown for 20 parameters" in stdout
-    assert stdout.count("(float64)") == 2  # model and EMA copy verified
+    cli_main(["grow", "--ckpt_path", str(src), "--out", str(dst), "--attn_tokens", "12", "--ffn_tokens", "20"])
+    assert "'attn_tokens': 12, 'ffn_tokens': 20" in capsys.readouterr().out
 
     grown = torch.load(dst, weights_only=True)
     old = torch.load(src, weights_only=True)
     assert grown["token_counts"] == {"attn_tokens": 12, "ffn_tokens": 20}
-    assert torch.equal(grown["state_dict"]["model.blocks.0.mlp.value_param"][16:],
-                       grown["state_dict"]["ema.module.blocks.0.mlp.value_param"][16:])
+    assert torch.equal(grown["state_dict"]["model.blocks.0.ffn.value_param"][16:],
+                       grown["state_dict"]["ema.module.blocks.0.ffn.value_param"][16:])
     # optimizer: the state of the same parameter, found by shape, has its old rows and new seeded rows
     old_states = old["optimizer_states"][0]["state"]
     new_states = grown["optimizer_states"][0]["state"]
@@ -324,6 +314,7 @@ def test_grow_checkpoint_script_on_ckpt_and_safetensors(tmp_path, capsys):
     for i in changed:
         rows = old_states[i]["exp_avg"].shape[0]
         assert torch.equal(new_states[i]["exp_avg_sq"][:rows], old_states[i]["exp_avg_sq"])
+        assert new_states[i]["exp_avg_sq"].dtype == old_states[i]["exp_avg_sq"].dtype
 
     # loads into a model built at the old size and computes the same function; training resumes from it
     fresh = ImageClassifier.load_from_checkpoint(dst, map_location="cpu", weights_only=True)
@@ -336,21 +327,8 @@ def test_grow_checkpoint_script_on_ckpt_and_safetensors(tmp_path, capsys):
     t.fit(ImageClassifier(**MODEL), datamodule=RandomImages(), ckpt_path=str(dst), weights_only=True)
     assert t.global_step == 5
 
-    # exported weights: safetensors of the bare model, architecture inferred from the weights + num_heads
-    from safetensors.torch import load_file, save_file
-
-    weights = tmp_path / "w.safetensors"
-    save_file({k[len("model."):]: v.contiguous() for k, v in old["state_dict"].items() if k.startswith("model.")},
-              str(weights))
-    out = tmp_path / "w_grown.safetensors"
-    assert grow_script(str(weights), str(out), "--ffn-tokens", "32", "--model-kwargs", '{"num_heads": 2}') == 0
-    sd = load_file(str(out))
-    assert sd["blocks.1.mlp.key_param"].shape == (32, 32) and sd["blocks.1.attn.q.key_param"].shape == (8, 32)
-    assert torch.count_nonzero(sd["blocks.1.mlp.key_param"][16:]) == 0
-
     with pytest.raises(ValueError, match="shrink"):
-        grow_script(str(weights), str(tmp_path / "x.safetensors"), "--ffn-tokens", "8",
-                    "--model-kwargs", '{"num_heads": 2}')
+        cli_main(["grow", "--ckpt_path", str(src), "--out", str(tmp_path / "x.ckpt"), "--ffn_tokens", "8"])
 
 
 def test_bf16_mixed_fit_grows_and_trains(tmp_path):

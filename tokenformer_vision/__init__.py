@@ -7,8 +7,8 @@ detection and export parts load lazily on first use, so ``import tokenformer_vis
 from importlib import import_module
 from typing import Any
 
-from .model import TokenFormerViT, checkpoint_filter_fn, token_counts_from_state_dict
-from .pattention import Pattention, pattention_normalize
+from .model import TokenFormerViT, checkpoint_filter_fn
+from .pattention import Pattention
 
 __version__ = "0.1.0"
 
@@ -18,7 +18,7 @@ _LAZY = {
     "ImageFolderDataModule": ".data",
     "ImageNetDataModule": ".data",
     "DigitsDataModule": ".data",
-    "GrowthCallback": ".growth",
+    "GrowthCallback": ".callbacks",
 }
 
 __all__ = [

@@ -1,130 +1,88 @@
-"""``tokenformer-vision``: LightningCLI for training, evaluating and predicting with :class:`ImageClassifier`.
+"""``tokenformer-vision``: the LightningCLI of :class:`ImageClassifier`, plus ``export`` and ``grow``.
 
     tokenformer-vision fit --config configs/demo/digits.yaml
     tokenformer-vision fit --data ImageFolderDataModule --data.root DIR --model.model_name tokenformer_tiny \\
         --model.img_size 32 --trainer.max_epochs 5
-    tokenformer-vision fit --config CFG --ckpt_path last          # resume the newest run of this experiment
-    tokenformer-vision validate|test --config CFG --ckpt_path best   # or a .ckpt path
+    tokenformer-vision fit --config CFG --ckpt_path last                  # resume the newest run of this experiment
+    tokenformer-vision validate|test --config CFG --ckpt_path best        # or a .ckpt path
     tokenformer-vision predict --config CFG --ckpt_path best --predict_out preds.csv
-    tokenformer-vision export ...                                  # tokenformer_vision.export
+    tokenformer-vision export --config CFG --ckpt_path best --out DIR     # timm weights (+ --onnx)
+    tokenformer-vision grow --ckpt_path CKPT --out grown.ckpt --attn_tokens 1024 --ffn_tokens 4096
 
-Defaults added to Lightning's: a CSVLogger under ``runs/``, ModelCheckpoint (best by ``val/acc1`` plus
-``last.ckpt``; ``--checkpoint.*``), LearningRateMonitor (``--lr_monitor.*``), the TQDM progress bar.
-``data.num_classes`` feeds ``model.num_classes``; ``model.img_size`` and ``model.model_name`` feed the data module
-so the preprocessing matches the model.
+Defaults added to Lightning's: a CSVLogger under ``runs/<model>-<data>/`` (the config's name when it has one),
+durable checkpoints (:mod:`tokenformer_vision.checkpointing`: best by ``val/acc1`` plus ``last.ckpt``,
+``--checkpoint.*``), LearningRateMonitor (``--lr_monitor.*``). ``data.num_classes`` feeds ``model.num_classes``;
+``model.img_size`` and ``model.model_name`` feed the data module, so the preprocessing matches the model.
 """
 
 from __future__ import annotations
 
-import glob
-import importlib
+import copy
+import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import Namespace
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+import yaml
+from jsonargparse import ArgumentParser, Namespace
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-# Importing the data modules registers them as subclasses, so ``--data ImageFolderDataModule`` resolves by name.
+from . import __version__
+from .checkpointing import LastAndBestCheckpoint, resolve_checkpoint, with_atomic_checkpoint_io
 from .classifier import ImageClassifier
+
+# Importing the data modules registers them as subclasses, so ``--data ImageFolderDataModule`` resolves by name.
 from .data import DigitsDataModule, ImageFolderDataModule, ImageNetDataModule  # noqa: F401
 from .prediction import PredictionWriter
 
-__all__ = ["LastAndBestCheckpoint", "TokenFormerCLI", "main", "resolve_checkpoint"]
+__all__ = ["TokenFormerCLI", "main", "grow_checkpoint"]
 
+log = logging.getLogger(__name__)
 DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
+TOOLS = ("export", "grow")
+_STARTED: list[TokenFormerCLI] = []
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit status 2."""
 
 
 def _get(ns: Any, dotted: str, default: Any = None) -> Any:
     """``ns['a.b.c']`` for nested Namespaces/dicts, ``default`` when a level is missing."""
     for key in dotted.split("."):
-        if isinstance(ns, Namespace):
-            ns = ns.get(key, default) if key in ns else default
-        elif isinstance(ns, dict):
-            ns = ns.get(key, default)
+        if isinstance(ns, (Namespace, dict)) and key in ns:
+            ns = ns[key]
         else:
             return default
-    return ns
+    return default if ns is None else ns
 
 
-def resolve_checkpoint(which: str, checkpoint_dir: str | None, logger_dir: str | None) -> str | None:
-    """Resolve ``"last"``/``"best"`` to a file from an earlier run (a new process has no in-memory best path).
-
-    Every CLI run logs to a new ``version_N`` folder, so Lightning itself only looks for ``last.ckpt`` in the
-    folder of the run being started. (``fit`` resumed this way keeps writing checkpoints next to the resumed one.)
-    Here the newest ``last*.ckpt`` under ``checkpoint_dir`` (an explicit
-    ``--checkpoint.dirpath``) or ``logger_dir/*/checkpoints`` is taken; for ``"best"`` the ModelCheckpoint
-    state inside it names the best file. Returns None when there is no earlier run.
-    """
-    if checkpoint_dir:
-        patterns = [os.path.join(checkpoint_dir, "last*.ckpt")]
-    elif logger_dir:
-        patterns = [os.path.join(logger_dir, "*", "checkpoints", "last*.ckpt")]
-    else:
-        return None
-    found = [p for pattern in patterns for p in glob.glob(pattern)]
-    if not found:
-        return None
-    last = max(found, key=os.path.getmtime)
-    if which == "last":
-        return last
-    ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    for state in ckpt.get("callbacks", {}).values():  # keyed by class name + settings (subclasses included)
-        if isinstance(state, dict) and state.get("best_model_path"):
-            best = state["best_model_path"]
-            if os.path.isfile(best):
-                return best
-            # the run folder may have moved: look next to last.ckpt
-            moved = os.path.join(os.path.dirname(last), os.path.basename(best))
-            if os.path.isfile(moved):
-                return moved
-    raise FileNotFoundError(f"ckpt_path='best': {last} records no existing best checkpoint")
+def _run_name(cfg: Any) -> str:
+    """Runs are named by model and data, so ``last``/``best`` never pick a run of another experiment."""
+    data = _get(cfg, "data.class_path", "data").rsplit(".", 1)[-1].removesuffix("DataModule").lower()
+    root = _get(cfg, "data.init_args.root")
+    return "-".join([str(_get(cfg, "model.model_name", "model")), data] + ([Path(str(root)).name] if root else []))
 
 
-class LastAndBestCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` really is the latest state.
-
-    Lightning 2.6 rewrites ``last.ckpt`` only in a step where a top-k checkpoint was saved too, so with
-    ``save_top_k=1`` it silently becomes a copy of the best checkpoint and ``fit --ckpt_path last`` would resume
-    from an older epoch. This subclass also saves it after every validation (or train epoch without one).
-    """
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_now(trainer)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_now(trainer)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Lightning restores best score and top-k only when the saved dirpath equals this one, comparing strings:
-        # a logger-derived relative path and the same folder given as --checkpoint.dirpath (made absolute by
-        # Lightning) count as different. Compare real paths, and make the saved file paths absolute too, so that
-        # the resumed run keeps its best checkpoint and overwrites last.ckpt instead of writing last-v1.ckpt.
-        saved_dir = state_dict.get("dirpath")
-        if saved_dir and self.dirpath and os.path.realpath(saved_dir) == os.path.realpath(self.dirpath):
-            state_dict = dict(state_dict, dirpath=self.dirpath)
-            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
-                if state_dict.get(key):
-                    state_dict[key] = os.path.realpath(state_dict[key])
-            if "best_k_models" in state_dict:
-                state_dict["best_k_models"] = {os.path.realpath(k): v for k, v in state_dict["best_k_models"].items()}
-        super().load_state_dict(state_dict)
-
-    def _save_last_now(self, trainer: Trainer) -> None:
-        # skipped when the parent already saved in this step (then last.ckpt is current)
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+def _logger_dir(cfg: Any) -> str | None:
+    logger = _get(cfg, "trainer.logger")
+    if isinstance(logger, (Namespace, dict)) and "CSVLogger" in str(_get(logger, "class_path", "")):
+        return os.path.join(_get(logger, "init_args.save_dir", "runs"), _get(logger, "init_args.name", ""))
+    return None
 
 
 class TokenFormerCLI(LightningCLI):
     """LightningCLI with the project's defaults (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # the optimizer is ImageClassifier's (--model.optimizer): LightningCLI's automatic --optimizer would replace
+        # its no-decay groups, warmup and cosine without a word, and miss parameters grown mid-training
+        super().__init__(*args, auto_configure_optimizers=False, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LastAndBestCheckpoint, "checkpoint")
@@ -151,25 +109,46 @@ class TokenFormerCLI(LightningCLI):
         if not sub:
             return
         cfg = self.config[sub]
+        logger = _get(cfg, "trainer.logger")
+        if isinstance(logger, Namespace) and "CSVLogger" in str(logger.get("class_path")) \
+                and _get(logger, "init_args.name", "lightning_logs") == "lightning_logs":
+            logger.init_args.name = _run_name(cfg)
         which = cfg.get("ckpt_path")
         if which not in ("last", "best"):
             return
-        logger_dir = None
-        logger = _get(cfg, "trainer.logger")
-        if isinstance(logger, Namespace | dict) and "CSVLogger" in str(_get(logger, "class_path", "")):
-            save_dir = _get(logger, "init_args.save_dir") or "runs"
-            logger_dir = os.path.join(save_dir, _get(logger, "init_args.name") or "lightning_logs")
-        path = resolve_checkpoint(which, _get(cfg, "checkpoint.dirpath"), logger_dir)
-        if path is not None:
-            print(f"tokenformer-vision: ckpt_path={which} -> {path}", file=sys.stderr)
-            cfg["ckpt_path"] = path
-            if sub == "fit" and not _get(cfg, "checkpoint.dirpath"):
-                # keep checkpointing into the resumed run's folder: ModelCheckpoint restores its best score and
-                # top-k only for the same dirpath, so a new folder would let a worse epoch become "best"
-                cfg["checkpoint"]["dirpath"] = os.path.dirname(path)
-        elif which == "best":
-            raise FileNotFoundError(f"ckpt_path='best': no earlier run with a last.ckpt under "
-                                    f"{_get(cfg, 'checkpoint.dirpath') or logger_dir}")
+        path = resolve_checkpoint(which, _get(cfg, "checkpoint.dirpath"), _logger_dir(cfg))
+        if path is None:
+            raise UsageError(f"ckpt_path={which}: no earlier run with a loadable last.ckpt under "
+                             f"{_get(cfg, 'checkpoint.dirpath') or _logger_dir(cfg)}")
+        print(f"tokenformer-vision: ckpt_path={which} -> {path}", file=sys.stderr)
+        cfg["ckpt_path"] = path
+        if sub == "fit" and not _get(cfg, "checkpoint.dirpath"):
+            # keep checkpointing into the resumed run's folder: ModelCheckpoint restores its best score and top-k
+            # only for the same dirpath, so a new folder would let a worse epoch become "best"
+            cfg["checkpoint"]["dirpath"] = os.path.dirname(path)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI rebuilds the model from the checkpoint's hyperparameters, replacing ``--model.*``: refuse
+        arguments that differ from the checkpoint instead of dropping them."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and Path(ckpt).is_file():
+            saved = torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            given, defaults = self.config[sub].get("model"), self.parser.get_defaults()[sub].get("model")
+            differ = [f"--model.{k} {given[k]!r} (checkpoint: {saved[k]!r})" for k in saved
+                      if k in given and given[k] != _get(defaults, k) and given[k] != saved[k]]
+            if differ:
+                raise UsageError(f"ckpt_path {ckpt}: the model is rebuilt from the checkpoint, but "
+                                 f"{', '.join(differ)} differ; drop them, or train a new model")
+        super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # durable checkpoint writes (temporary file, fsync, rename), unless the user chose a CheckpointIO
+        plugins = kwargs.get("plugins", self._get(self.config_init, "trainer", default={}).get("plugins"))
+        return super().instantiate_trainer(**{**kwargs, "plugins": with_atomic_checkpoint_io(plugins)})
+
+    def after_instantiate_classes(self) -> None:
+        _STARTED.append(self)  # main() cleans up after a failed start
 
     def before_predict(self) -> None:
         path = self.config["predict"].get("predict_out")
@@ -179,28 +158,122 @@ class TokenFormerCLI(LightningCLI):
         print(f"tokenformer-vision: writing predictions to {path}", file=sys.stderr)
 
 
+# ------------------------------------------------------------------------------------ export and grow
+def grow_checkpoint(ckpt_path: str, out: str, attn_tokens: int | None = None, ffn_tokens: int | None = None,
+                    seed: int = 0) -> dict[str, int]:
+    """Grow a Lightning checkpoint offline: the model, its EMA copy and the optimizer state (e.g. for FSDP).
+
+    Args:
+        ckpt_path: the checkpoint of ImageClassifier (.ckpt).
+        out: where to write the grown checkpoint.
+        attn_tokens: new parameter tokens of every attention projection (None: unchanged).
+        ffn_tokens: new parameter tokens of every FFN (None: unchanged).
+        seed: seed of the new value tokens.
+
+    Returns:
+        The new token counts. The function is preserved: the logits are checked in float64.
+    """
+    from .checkpoint import read_checkpoint
+    from .export import _example_input, load_classifier
+    from .growth import grow_training_state
+
+    checkpoint = read_checkpoint(ckpt_path)
+    module = load_classifier(ckpt_path)
+    net = module.model
+    probe = _example_input(net).double()
+    with torch.no_grad():
+        before = copy.deepcopy(net).double()(probe)
+    optimizers = []
+    for state in checkpoint.get("optimizer_states", []):  # parameters in ImageClassifier.param_groups() order
+        optimizer = torch.optim.AdamW(module.param_groups())
+        optimizer.load_state_dict(state)
+        optimizers.append(optimizer)
+    grow_training_state(net, attn_tokens, ffn_tokens, optimizer=optimizers, ema=module.ema, seed=seed)
+    with torch.no_grad():
+        change = float((copy.deepcopy(net).double()(probe) - before).abs().max())
+    if change > 1e-8:
+        raise RuntimeError(f"growth changed the float64 logits by {change:.3g}; not writing {out}")
+    checkpoint["state_dict"] = module.state_dict()
+    checkpoint["optimizer_states"] = [opt.state_dict() for opt in optimizers]
+    checkpoint["token_counts"] = dict(net.token_counts)
+    tmp = f"{out}.tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, out)
+    return dict(net.token_counts)
+
+
+def _tool(name: str, argv: list[str]) -> None:
+    """``export`` and ``grow``: jsonargparse over the function's signature, ``--ckpt_path last|best`` resolved in
+    the runs of ``--config`` (the training config) like the other subcommands."""
+    from .export import export_checkpoint
+
+    fn = export_checkpoint if name == "export" else grow_checkpoint
+    parser = ArgumentParser(prog=f"tokenformer-vision {name}", description=fn.__doc__.splitlines()[0])
+    parser.add_argument("--config", type=str | None, default=None,
+                        help="the training config, to resolve --ckpt_path last|best among its runs")
+    parser.add_function_arguments(fn)
+    args = parser.parse_args(argv).as_dict()
+    config_path = args.pop("config")
+    if args["ckpt_path"] in ("last", "best"):
+        cfg = yaml.safe_load(Path(config_path).read_text()) if config_path else {}
+        cfg.setdefault("trainer", {}).setdefault("logger", DEFAULT_LOGGER)
+        logger_dir = _logger_dir(cfg)
+        if logger_dir is not None and _get(cfg, "trainer.logger.init_args.name") is None:
+            logger_dir = os.path.join(logger_dir, _run_name(cfg))
+        path = resolve_checkpoint(args["ckpt_path"], _get(cfg, "checkpoint.dirpath"), logger_dir)
+        if path is None:
+            raise UsageError(f"ckpt_path={args['ckpt_path']}: no earlier run with a loadable last.ckpt under "
+                             f"{logger_dir} (pass --config with the training config, or a .ckpt path)")
+        args["ckpt_path"] = path
+    result = fn(**args)
+    print(f"tokenformer-vision {name}: {args['ckpt_path']} -> {args['out']}"
+          + (f" ({result})" if isinstance(result, dict) else ""))
+
+
+def _remove_empty_run(cli: TokenFormerCLI | None) -> None:
+    """After a failed start, drop the version folder it created if nothing of value was written into it."""
+    log_dir = getattr(getattr(cli, "trainer", None), "log_dir", None)
+    if log_dir and os.path.isdir(log_dir):
+        kept = [p for p in Path(log_dir).rglob("*") if p.is_file() and p.name not in ("config.yaml", "hparams.yaml")]
+        if not kept:
+            shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: ``export`` goes to :mod:`tokenformer_vision.export`, the rest to LightningCLI."""
+    """Console entry point (``tokenformer-vision``)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "export":
-        try:
-            export = importlib.import_module("tokenformer_vision.export")
-        except ModuleNotFoundError as err:
-            if err.name != "tokenformer_vision.export":
-                raise
-            sys.exit("tokenformer-vision export: tokenformer_vision.export is not available in this installation")
-        code = export.main(args[1:])
-        if code:  # a non-zero status (bad input) must reach the shell
-            sys.exit(code)
+    if args[:1] == ["--version"]:
+        print(f"tokenformer-vision {__version__}")
         return
-    TokenFormerCLI(
-        ImageClassifier,
-        LightningDataModule,
-        subclass_mode_data=True,
-        args=argv,  # None: LightningCLI reads sys.argv itself
-        trainer_defaults={"logger": DEFAULT_LOGGER},
-        save_config_kwargs={"overwrite": True},
-    )
+    if any(a.split("=")[0] == "--model.num_classes" for a in args):
+        sys.exit("tokenformer-vision: error: --model.num_classes is set from the data (data.num_classes); "
+                 "choose the classes through the data module, not the model")
+    _STARTED.clear()
+    try:
+        if args[:1] and args[0] in TOOLS:
+            return _tool(args[0], args[1:])
+        TokenFormerCLI(
+            ImageClassifier, LightningDataModule, subclass_mode_data=True, args=argv,
+            trainer_defaults={"logger": DEFAULT_LOGGER}, save_config_kwargs={"overwrite": True},
+            parser_kwargs={"epilog": "More subcommands: export (timm weights, ONNX) and grow (grow a checkpoint "
+                                     "offline); see `tokenformer-vision export --help`."},
+        )
+    except UsageError as err:
+        sys.exit(f"tokenformer-vision: error: {err}")
+    except Exception as err:
+        if _STARTED:
+            _remove_empty_run(_STARTED[0])
+        cause = _root_cause(err)
+        if not _STARTED and isinstance(cause, (ValueError, FileNotFoundError, TypeError)):
+            # a bad argument found while building the model or the data: the message is the useful part
+            sys.exit(f"tokenformer-vision: error: {type(cause).__name__}: {cause}")
+        raise
 
 
 if __name__ == "__main__":

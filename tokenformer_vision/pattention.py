@@ -1,14 +1,10 @@
 """Pattention: token-parameter attention, the layer that replaces every linear projection in TokenFormer.
 
 Input tokens are queries; the layer's parameters are ``n`` key tokens ``K [n, d_in]`` and ``n`` value tokens
-``V [n, d_out]``::
-
-    A = X Kᵀ                                   # scores against the parameter tokens, [..., n]
-    S = GeLU(τ · A / max(‖A‖₂ over n, eps))    # exact (erf) GeLU, row-wise L2 normalisation
-    Y = S V                                    # [..., d_out]
-
-τ is fixed at creation (``sqrt(n0)``) and kept as a buffer, so appending zero keys (:meth:`Pattention.grow`)
-leaves the function unchanged. ``dynamic_scale=True`` gives the official behaviour, τ = sqrt(current n).
+``V [n, d_out]``: ``Y = GeLU(τ · A / max(‖A‖₂ over n, eps)) V`` with ``A = X Kᵀ`` (computed by
+:mod:`tokenformer_vision.kernel`). τ is fixed at creation (``sqrt(n0)``) and kept as a buffer, so appending zero
+keys (:meth:`Pattention.grow`) leaves the function unchanged; ``dynamic_scale=True`` gives the official
+behaviour, τ = sqrt(current n).
 """
 
 from __future__ import annotations
@@ -16,28 +12,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from .kernel import pattention_fused
 
-__all__ = ["Pattention", "pattention_normalize", "default_value_std"]
+__all__ = ["Pattention", "default_value_std"]
 
 
 def default_value_std(depth: int, dim: int) -> float:
     """Official "wang init" std of the value tokens: 2 / (depth · sqrt(dim))."""
     return 2.0 / (depth * math.sqrt(dim))
-
-
-def pattention_normalize(scores: torch.Tensor, tau: torch.Tensor | float, eps: float = 1e-6) -> torch.Tensor:
-    """GeLU(τ · A / max(‖A‖₂, eps)) over the last axis, computed in (at least) fp32, returned in ``scores.dtype``.
-
-    The norm runs in fp32 because a bf16/fp16 sum of squares over thousands of tokens loses the precision the
-    normalisation depends on (the official JAX port saw NaN losses in fp16); ``eps`` keeps an all-zero row finite.
-    """
-    wide = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp16/bf16 -> fp32; fp64 stays fp64
-    norm = torch.linalg.vector_norm(wide, dim=-1, keepdim=True).clamp_min(eps)
-    return F.gelu(wide * (tau / norm)).to(scores.dtype)
 
 
 class Pattention(nn.Module):
@@ -52,8 +36,7 @@ class Pattention(nn.Module):
         key_std: std of the key tokens' normal init (official 0.02).
         value_std: std of the value tokens' normal init; default ``2 / sqrt(in_features)`` (wang init at depth 1).
             Models pass ``default_value_std(depth, embed_dim)``.
-        fast: use the fast kernels of :mod:`tokenformer_vision.ops` (same function, cheaper backward); ``False``
-            pins the slow reference path; ``None`` follows :func:`tokenformer_vision.ops.set_fast_path`.
+        device, dtype: where and in what precision to build the parameters.
     """
 
     tau: torch.Tensor
@@ -68,7 +51,6 @@ class Pattention(nn.Module):
         eps: float = 1e-6,
         key_std: float = 0.02,
         value_std: float | None = None,
-        fast: bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -82,7 +64,6 @@ class Pattention(nn.Module):
         self.out_features = out_features
         self.dynamic_scale = dynamic_scale
         self.eps = eps
-        self.fast = fast
         self.key_std = key_std
         self.value_std = value_std if value_std is not None else default_value_std(1, in_features)
         self.key_param = nn.Parameter(torch.empty(num_tokens, in_features, **dd))
@@ -107,70 +88,44 @@ class Pattention(nn.Module):
         """The τ used by :meth:`forward`."""
         return math.sqrt(self.num_tokens) if self.dynamic_scale else self.tau
 
-    def uses_fast_path(self) -> bool:
-        """Whether :meth:`forward` takes the fast kernels (``fast`` argument, else the process-wide default)."""
-        return ops.fast_path_enabled() if self.fast is None else self.fast
-
-    def token_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """The normalised scores S = GeLU(τ · A / ‖A‖) of ``x`` against the key tokens, shape ``[..., n]``."""
-        scores = F.linear(x, self.key_param)
-        if self.uses_fast_path():
-            return ops.pattention_normalize_fast(scores, self.scale(), self.eps)
-        return pattention_normalize(scores, self.scale(), self.eps)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"Pattention expects inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}"
-            )
-        if self.uses_fast_path():
-            return ops.pattention(x, self.key_param, self.value_param, self.scale(), self.eps)
-        # slow reference: plain autograd through the formula (kept for tests and as the spec of the fast path)
-        weights = pattention_normalize(F.linear(x, self.key_param), self.scale(), self.eps)
-        return torch.matmul(weights, self.value_param.to(weights.dtype))
+        return pattention_fused(x, (self.key_param,), (self.value_param,), (self.scale(),), self.eps)[0]
 
     @torch.no_grad()
-    def grow(self, num_tokens: int, *, new_parameters: bool = False) -> None:
+    def grow(self, num_tokens: int, *, generator: torch.Generator | None = None) -> None:
         """Append parameter tokens up to ``num_tokens``: zero keys, N(0, value_std²) values, τ unchanged.
 
-        Zero keys score exactly 0 against every input, GeLU(0) = 0 and the row norm is unchanged, so the
-        layer's function is preserved exactly (up to summation order). The values are random, not zero, so the
-        new tokens receive gradient through their keys and start learning.
+        Zero keys score exactly 0 against every input, GeLU(0) = 0 and the row norm is unchanged, so the layer's
+        function is preserved exactly (up to summation order). The values are random, not zero, so the new tokens
+        receive gradient through their keys and start learning.
+
+        The grown tensors are new ``nn.Parameter`` objects. Growing in place (``p.data = bigger``) would leave
+        autograd's cached gradient accumulator, and DDP's reducer, at the old shape, and the next backward would
+        fail; :func:`tokenformer_vision.growth.grow_training_state` moves optimizer state to the new objects.
 
         Args:
             num_tokens: the new total n; must be ≥ the current n.
-            new_parameters: replace ``key_param``/``value_param`` with new ``nn.Parameter`` objects instead of
-                swapping their data in place. Needed under DDP, which remembers parameter shapes (DESIGN §3).
+            generator: draws the new values (on the CPU, then moved), so that every rank and a resumed run draw
+                the same ones; None uses the global RNG.
         """
         old = self.num_tokens
-        if not isinstance(num_tokens, int) or num_tokens < old:
-            raise ValueError(
-                f"Pattention.grow: cannot shrink or keep a non-int token count: have {old} tokens, "
-                f"asked for {num_tokens!r}"
-            )
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < old:
+            raise ValueError(f"Pattention.grow: cannot shrink or keep a non-int token count: have {old} tokens, "
+                             f"asked for {num_tokens!r}")
         if num_tokens == old:
             return
         extra = num_tokens - old
         key, value = self.key_param, self.value_param
-        new_keys = key.new_zeros(extra, self.in_features)
-        new_values = value.new_empty(extra, self.out_features)
-        if not new_values.is_meta:
-            new_values.normal_(std=self.value_std)
-        grown_key = torch.cat([key.detach(), new_keys], dim=0)
-        grown_value = torch.cat([value.detach(), new_values], dim=0)
-        # a pending gradient (e.g. mid gradient accumulation) keeps its rows; the new tokens' rows are zero, as
-        # they took no part in the forward that produced it. Left at the old shape, it would break the next step.
-        grads = [None if p.grad is None else torch.cat([p.grad, p.grad.new_zeros(extra, *p.grad.shape[1:])])
-                 for p in (key, value)]
-        if new_parameters:
-            self.key_param = nn.Parameter(grown_key, requires_grad=key.requires_grad)
-            self.value_param = nn.Parameter(grown_value, requires_grad=value.requires_grad)
-            key.grad = value.grad = None
-        else:
-            key.grad = value.grad = None  # before .data changes shape: a grad must match its parameter
-            key.data = grown_key
-            value.data = grown_value
-        self.key_param.grad, self.value_param.grad = grads
+        new_values = torch.randn(extra, self.out_features, generator=generator) * self.value_std
+        grown = {"key_param": torch.cat([key, key.new_zeros(extra, self.in_features)]),
+                 "value_param": torch.cat([value, new_values.to(value.device, value.dtype)])}
+        for name, old_param in (("key_param", key), ("value_param", value)):
+            new = nn.Parameter(grown[name], requires_grad=old_param.requires_grad)
+            # a pending gradient (mid accumulation) keeps its rows; the new tokens' rows are zero, as they took
+            # no part in the forward that produced it
+            if old_param.grad is not None:
+                new.grad = torch.cat([old_param.grad, old_param.grad.new_zeros(extra, *old_param.grad.shape[1:])])
+            setattr(self, name, new)
 
     def extra_repr(self) -> str:
         tau = "dynamic" if self.dynamic_scale else f"{float(self.tau):.4g}" if not self.tau.is_meta else "meta"

@@ -1,86 +1,192 @@
-"""Token-selective routing: per-token adaptive depth with real compute savings at inference.
+"""Token routing: each routed block processes only some tokens, and the saving is real compute.
 
-Mechanism (Token-Selective Attention, arXiv 2605.05222, DESIGN §6), adapted to images:
+Every block after the first has a router (timm ``Mlp``: ``Linear(d→d/4) → ReLU → Linear(→1)``) that gives each
+token entering it a *keep probability* ``k = sigmoid(logit)`` (the last bias starts at +1: k ≈ 0.73). Prefix
+(cls) tokens are always processed. Two ways to choose the tokens (docs/architecture.md, "Token routing"):
 
-- Every routed block (block 1 on; block 0 always runs) has a :class:`TokenGate`, a 2-layer MLP
-  ``Linear(d→d/4) → ReLU → Linear(→1) → sigmoid`` applied to the tokens *entering* the block. It gives each token a
-  halting probability ``p``; ``keep = 1 − p`` scales the block's attention AND FFN residual updates. The last bias
-  starts at −1 (p ≈ 0.27, keep ≈ 0.73), so tokens start mostly active. The cls token is always processed
-  (keep = 1).
-- Training is soft and end-to-end differentiable. The keep-gate also weights each token's share as an attention
-  *key/value* (an additive ``log(keep)`` bias on the attention logits, as DynamicViT's attention masking). That makes
-  the soft path the exact relaxation of the hard one: with gates of exactly 0/1, soft and hard give the same result.
-- Inference (eval mode): a token with ``p > routing_threshold`` (i.e. keep-gate below ``1 − routing_threshold``)
-  is skipped by the block: it is not gathered into it at all, so attention (as query, key and value) and the FFN
-  run on the kept tokens only, and the skipped token passes through unchanged. Kept tokens' updates are still scaled
-  by their keep-gate. Images in a batch keep different numbers of tokens: the kept tokens of each image are
-  gathered to the front, padded to the batch's largest count and the pads are masked out of attention.
-- Threshold semantics: ``routing_threshold`` t ∈ [0, 1] is a halting probability. t = 1 skips nothing (the hard
-  path then equals the soft path), t = 0.5 is the paper's rule, smaller t skips more.
-- Compute penalty: ``routing_loss_weight`` λ (default 0, as in the source) — :meth:`TokenFormerViT.routing_loss`
-  returns the differentiable λ·mean(1 − p) of the last forward, to be added to the task loss.
-- Accounting: token-layer operations (TLOps). Block 0 processes every token; block i a fraction α_i. The TLOps
-  fraction is Σ_i α_i / L = (1 + (L − 1)·ᾱ)/L and the saving 1 − that (the paper's formula). The cls token is
-  counted (it is always processed).
+- **Threshold** (token-selective routing, TSA): a token is processed when ``k ≥ 1 − routing_threshold``. Training
+  uses the same hard decisions as inference, with a straight-through estimator: the forward masks skipped tokens
+  out of attention (as keys) and zeroes their updates, the backward passes the gradient to ``k``. At inference the
+  processed tokens are gathered, so attention and the FFN run on fewer tokens (images of a batch are padded to
+  the largest count, pads masked). A penalty on the fraction processed (:func:`routing_loss`) trades accuracy for
+  compute, either as a weight λ or as a target TLOps fraction.
+- **Capacity** (Mixture-of-Depths): each routed block processes the top ``capacity`` fraction of patch tokens by
+  router logit. Shapes are static, so training saves compute too and ``torch.compile`` needs no graph break.
+
+Accounting is in token-layer operations (TLOps): block i processes a fraction α_i of the tokens; the TLOps
+fraction is the mean of α_i over all blocks (block 0: 1), and the saving is one minus that.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
+from timm.layers import Mlp
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover - import cycle guard (layers imports this module)
-    from .layers import TokenFormerBlock
-    from .model import TokenFormerViT
-
-__all__ = [
-    "TokenGate",
-    "RoutingStats",
-    "RoutingMetricsCallback",  # noqa: F822 (built lazily by __getattr__)
-    "routed_block_forward",
-    "soft_routed_block",
-    "hard_routed_block",
-    "masked_attention",
-    "tlops_fraction",
-    "tlops_saving",
-    "check_routing_threshold",
-]
+__all__ = ["RoutingConfig", "RoutingStats", "make_router", "route_block", "routing_loss", "routing_stats",
+           "routing_depth_map", "tlops_fraction", "tlops_saving", "check_fraction"]
 
 
-def check_routing_threshold(threshold: float) -> float:
-    """Validate a halting-probability threshold (a float in [0, 1]) and return it as a float."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"routing_threshold must be a halting probability in [0, 1], got {threshold!r}")
-    return float(threshold)
+def check_fraction(name: str, value: float | None, allow_none: bool = False) -> float | None:
+    """``value`` as a float in [0, 1] (or None when allowed); ValueError naming ``name`` otherwise."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
 
 
-class TokenGate(nn.Module):
-    """Per-token router ``Linear(d→d/4) → ReLU → Linear(→1)``: returns halting logits ``z`` (``p = sigmoid(z)``).
+@dataclass
+class RoutingConfig:
+    """Routing settings of a model, shared by its routed blocks (changing one field changes them all).
 
-    The logits are returned instead of ``p`` so that ``keep = sigmoid(−z)`` and ``log(keep) = logsigmoid(−z)`` are
-    computed stably (no ``log(1 − p)`` of a rounded ``p``). The last bias starts at ``bias_init`` (−1: p ≈ 0.27).
+    Attributes:
+        threshold: a token skips a block when its keep probability is below ``1 − threshold`` (0.5: the paper's
+            rule; 1: nothing skipped; smaller: more skipped).
+        capacity: fraction of patch tokens each routed block processes (top-k by router logit); None: threshold
+            routing.
+        loss_weight: λ of :func:`routing_loss`.
+        target: target TLOps fraction for :func:`routing_loss` (None: penalise the fraction processed).
+        depth: number of blocks of the model (to convert ``target`` into a per-block fraction).
+        num_prefix_tokens: leading tokens that are always processed (cls, registers).
+        bias_init: initial bias of the router's last layer (keep probability sigmoid(bias)).
     """
 
-    def __init__(self, dim: int, *, hidden: int | None = None, bias_init: float = -1.0, num_prefix_tokens: int = 1,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        hidden = hidden or max(dim // 4, 1)
-        self.num_prefix_tokens = num_prefix_tokens
-        self.bias_init = bias_init
-        self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(hidden, 1, device=device, dtype=dtype)
-        if not self.fc2.bias.is_meta:
-            nn.init.constant_(self.fc2.bias, bias_init)
+    threshold: float = 0.5
+    capacity: float | None = None
+    loss_weight: float = 0.0
+    target: float | None = None
+    depth: int = 1
+    num_prefix_tokens: int = 1
+    bias_init: float = 1.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Halting logits ``[B, N]`` in fp32 (thresholds compare in fp32 even under autocast)."""
-        return self.fc2(self.act(self.fc1(x))).squeeze(-1).float()
+    def __post_init__(self) -> None:
+        self.threshold = check_fraction("routing_threshold", self.threshold)
+        self.capacity = check_fraction("routing_capacity", self.capacity, allow_none=True)
+        self.target = check_fraction("routing_target", self.target, allow_none=True)
+        if isinstance(self.loss_weight, bool) or not isinstance(self.loss_weight, (int, float)) \
+                or self.loss_weight < 0:
+            raise ValueError(f"routing_loss_weight must be a number >= 0, got {self.loss_weight!r}")
+
+
+def make_router(dim: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Mlp:
+    """The per-token router: timm ``Mlp(d → d/4 → 1)`` with ReLU; its output is the keep logit."""
+    return Mlp(dim, max(dim // 4, 1), out_features=1, act_layer=nn.ReLU, device=device, dtype=dtype)
+
+
+def route_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run a routed ``TokenFormerBlock`` on the tokens its router chooses; the others pass through unchanged.
+
+    Records ``block.last_keep`` (``[B, N]`` keep probabilities, differentiable, for :func:`routing_loss`) and
+    ``block.last_processed`` (``[B, N]`` bool).
+    """
+    cfg = block.routing
+    logits = block.router(x).squeeze(-1).float()
+    prefix = logits.new_full((x.shape[0], cfg.num_prefix_tokens), float("inf"))
+    logits = torch.cat([prefix, logits[:, cfg.num_prefix_tokens:]], dim=1)
+    keep = torch.sigmoid(logits)
+    block.last_keep = keep
+    if cfg.capacity is not None:
+        return _route_capacity(block, x, logits, keep, cfg)
+    processed = keep >= 1.0 - cfg.threshold
+    block.last_processed = processed
+    if block.training:
+        # straight-through: the forward value is exactly the hard decision (0 or 1), the gradient reaches keep
+        gate = processed.to(keep.dtype) + (keep - keep.detach())
+        mask = torch.zeros_like(keep).masked_fill(~processed, float("-inf"))[:, None, None, :]
+        return block.forward_gated(x, gate=gate, attn_mask=mask)
+    return _route_gathered(block, x, processed)
+
+
+def _route_gathered(block: nn.Module, x: torch.Tensor, processed: torch.Tensor) -> torch.Tensor:
+    """Inference: gather each image's processed tokens to the front, pad to the batch's largest count, mask pads."""
+    B, N, C = x.shape
+    counts = processed.sum(1)
+    K = int(counts.max())  # one host sync per block: the gathered length is data-dependent
+    if K == N:
+        return block.forward_gated(x)
+    order = torch.argsort((~processed).to(torch.uint8), dim=1, stable=True)[:, :K]  # processed first, in order
+    valid = torch.arange(K, device=x.device).unsqueeze(0) < counts.unsqueeze(1)  # [B, K]; False = pad slot
+    index = order.unsqueeze(-1).expand(B, K, C)
+    xk = torch.gather(x, 1, index)
+    mask = torch.zeros(valid.shape, device=x.device).masked_fill(~valid, float("-inf"))[:, None, None, :]
+    yk = block.forward_gated(xk, attn_mask=mask)
+    # pad slots point at distinct skipped tokens: write their original values back, so the scatter is exact
+    return x.scatter(1, index, torch.where(valid.unsqueeze(-1), yk, xk))
+
+
+def _route_capacity(block: nn.Module, x: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor,
+                    cfg: RoutingConfig) -> torch.Tensor:
+    """Mixture-of-Depths: the top-k tokens by logit run the block; static k, so it compiles without breaks."""
+    B, N, C = x.shape
+    k = min(N, cfg.num_prefix_tokens + math.ceil(cfg.capacity * (N - cfg.num_prefix_tokens)))
+    if k >= N:
+        block.last_processed = torch.ones_like(keep, dtype=torch.bool)
+        return block.forward_gated(x)
+    chosen = logits.topk(k, dim=1).indices.sort(dim=1).values  # prefix tokens have +inf logits
+    block.last_processed = torch.zeros_like(keep, dtype=torch.bool).scatter(1, chosen, True)
+    weight = keep.gather(1, chosen)
+    index = chosen.unsqueeze(-1).expand(B, k, C)
+    # forward value exactly 1 (the selection is the routing); the gradient reaches the router through the weight
+    yk = block.forward_gated(torch.gather(x, 1, index), gate=1.0 + (weight - weight.detach()))
+    return x.scatter(1, index, yk)
+
+
+def _routed(blocks: Sequence[nn.Module]) -> list[tuple[int, nn.Module]]:
+    return [(i, b) for i, b in enumerate(blocks) if getattr(b, "router", None) is not None]
+
+
+def routing_loss(blocks: Sequence[nn.Module], cfg: RoutingConfig) -> torch.Tensor:
+    """Compute penalty of the last forward: λ · fraction processed, or λ · (fraction − per-block target)².
+
+    The fraction is straight-through (its value is the hard fraction of patch tokens processed, its gradient
+    reaches the keep probabilities); ``target`` is a TLOps fraction over all blocks, converted to the per-block
+    fraction α* = (depth · target − unrouted blocks) / routed blocks. Zero when no routed block ran.
+    """
+    ran = [b for _, b in _routed(blocks) if b.last_keep is not None]
+    if not ran or cfg.loss_weight == 0:
+        ref = next((b.last_keep for b in ran), None)
+        return torch.zeros((), device=None if ref is None else ref.device)
+    p = cfg.num_prefix_tokens
+    fractions = torch.stack([(b.last_processed[:, p:].to(b.last_keep.dtype)
+                              + (b.last_keep[:, p:] - b.last_keep[:, p:].detach())).mean() for b in ran])
+    if cfg.target is None:
+        return cfg.loss_weight * fractions.mean()
+    routed = len(_routed(blocks))
+    alpha = min(1.0, max(0.0, (cfg.depth * cfg.target - (cfg.depth - routed)) / max(routed, 1)))
+    return cfg.loss_weight * ((fractions - alpha) ** 2).mean()
+
+
+def routing_stats(blocks: Sequence[nn.Module]) -> RoutingStats | None:
+    """Tokens each block processed in the last forward, per image; None when no routed block ran.
+
+    Blocks before the first routed one count as fully processed; blocks after the last one that ran
+    (``forward_intermediates(stop_early=True)``) are left out.
+    """
+    ran = [(i, b.last_processed) for i, b in _routed(blocks) if b.last_processed is not None]
+    if not ran:
+        return None
+    B, N = ran[0][1].shape
+    counts = torch.full((ran[-1][0] + 1, B), N, dtype=torch.long, device=ran[0][1].device)
+    for i, processed in ran:
+        counts[i] = processed.sum(1)
+    return RoutingStats(counts, N)
+
+
+def routing_depth_map(blocks: Sequence[nn.Module]) -> torch.Tensor:
+    """``[B, N]`` number of blocks each token went through in the last forward (prefix tokens included)."""
+    stats = routing_stats(blocks)
+    if stats is None:
+        raise RuntimeError("no routing statistics: build the model with token_routing=True and run a forward")
+    depth = torch.full((stats.processed.shape[1], stats.tokens), stats.depth, device=stats.processed.device)
+    for i, block in _routed(blocks):
+        if i < stats.depth:
+            depth = depth - (~block.last_processed).long()
+    return depth
 
 
 def tlops_fraction(block_fractions: Iterable[float] | torch.Tensor) -> float:
@@ -95,11 +201,11 @@ def tlops_fraction(block_fractions: Iterable[float] | torch.Tensor) -> float:
 
 
 def tlops_saving(alpha: float, depth: int) -> float:
-    """The paper's TLOps saving ``1 − (1 + (L − 1)·α)/L`` for mean active fraction α over the L − 1 routed blocks."""
+    """The paper's TLOps saving ``1 − (1 + (L − 1)·α)/L`` for mean processed fraction α over the L − 1 routed
+    blocks."""
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    check_fraction("alpha", alpha)
     return 1.0 - (1.0 + (depth - 1) * alpha) / depth
 
 
@@ -109,7 +215,7 @@ class RoutingStats:
 
     Attributes:
         processed: ``[L, B]`` number of tokens each block processed, per image (block 0: all of them).
-        tokens: tokens per image entering each block (N, cls included).
+        tokens: tokens per image entering each block (N, prefix included).
     """
 
     processed: torch.Tensor
@@ -143,208 +249,3 @@ class RoutingStats:
             raise ValueError(f"cannot merge routing stats of depth/tokens {self.depth}/{self.tokens} "
                              f"with {other.depth}/{other.tokens}")
         return RoutingStats(torch.cat([self.processed, other.processed.to(self.processed.device)], 1), self.tokens)
-
-
-# ------------------------------------------------------------------------------------------ block execution
-def masked_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``PattentionAttention`` forward with an additive key bias ``[B, 1, 1, N]`` (log keep-gate / −inf for pads).
-
-    Relies on the documented contract of ``PattentionAttention`` (``.qkv()`` giving the three projections, ``.proj``,
-    ``num_heads``, ``attn_drop``, ``proj_drop``); the unrouted model keeps calling the class's own ``forward``.
-    """
-    B, N, C = x.shape
-    heads = attn.num_heads
-
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.view(B, N, heads, C // heads).transpose(1, 2)
-
-    q, k, v = (split(t) for t in attn.qkv(x))  # one fused GEMM for Q, K, V where the layers allow it
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
-                                         dropout_p=attn.attn_drop if attn.training else 0.0)
-    return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, N, C)))
-
-
-def soft_routed_block(block: TokenFormerBlock, x: torch.Tensor, keep: torch.Tensor,
-                      log_keep: torch.Tensor) -> torch.Tensor:
-    """Soft routing: every token runs; updates scaled by ``keep [B, N]``, keys weighted by ``exp(log_keep)``."""
-    g = keep.unsqueeze(-1).to(x.dtype)
-    bias = log_keep[:, None, None, :]
-    x = x + g * block.drop_path1(masked_attention(block.attn, block.norm1(x), bias))
-    return x + g * block.drop_path2(block.mlp(block.norm2(x)))
-
-
-def hard_routed_block(block: TokenFormerBlock, x: torch.Tensor, keep: torch.Tensor, log_keep: torch.Tensor,
-                      processed: torch.Tensor) -> torch.Tensor:
-    """Hard skipping: only tokens with ``processed [B, N]`` enter the block; the others pass through unchanged.
-
-    The kept tokens of each image are moved to the front (stable order), padded to the batch's largest kept count
-    K and run through the block as a ``[B, K, C]`` sequence whose pads are masked out of attention as keys; their
-    (discarded) query rows cost ``K − k_b`` token-operations per image.
-    """
-    B, N, C = x.shape
-    counts = processed.sum(1)
-    # one host sync per block: the gathered length is data-dependent
-    K, all_full = torch.stack([counts.max(), (keep == 1).all().to(counts.dtype)]).tolist()
-    if all_full:  # every gate exactly 1: the block's own unrouted forward (bit-identical to routing off)
-        x = x + block.attn_residual(x)
-        return x + block.ffn_residual(x)
-    if K == N:  # nothing skipped in any image: no gather needed
-        return soft_routed_block(block, x, keep, log_keep)
-    # stable sort of "not processed" puts the processed tokens first, in their original order
-    order = torch.argsort((~processed).to(torch.uint8), dim=1, stable=True)[:, :K]
-    valid = torch.arange(K, device=x.device).unsqueeze(0) < counts.unsqueeze(1)  # [B, K]; False = pad slot
-    index = order.unsqueeze(-1).expand(B, K, C)
-    xk = torch.gather(x, 1, index)
-    gk = torch.gather(keep, 1, order)
-    bias = torch.gather(log_keep, 1, order).masked_fill(~valid, float("-inf"))[:, None, None, :]
-    g = gk.unsqueeze(-1).to(x.dtype)
-    yk = xk + g * block.drop_path1(masked_attention(block.attn, block.norm1(xk), bias))
-    yk = yk + g * block.drop_path2(block.mlp(block.norm2(yk)))
-    # pad slots point at distinct skipped tokens: write their original values back, so the scatter is exact
-    yk = torch.where(valid.unsqueeze(-1), yk, xk)
-    return x.scatter(1, index, yk)
-
-
-def routed_block_forward(block: TokenFormerBlock, x: torch.Tensor) -> torch.Tensor:
-    """Forward of a routed block: gate the tokens entering it, then the soft (training) or hard (eval) path.
-
-    Records ``block.last_keep`` (``[B, N]`` keep-gates, differentiable in training: used by the compute penalty)
-    and ``block.last_processed`` (``[B, N]`` bool, tokens the block executes at inference / would execute at the
-    current threshold in training).
-    """
-    router: TokenGate = block.router
-    z = router(x)
-    prefix = router.num_prefix_tokens
-    # the cls (prefix) tokens are always processed with their full update
-    z = torch.cat([torch.full_like(z[:, :prefix], float("-inf")), z[:, prefix:]], dim=1)
-    keep = torch.sigmoid(-z)
-    log_keep = F.logsigmoid(-z)
-    processed = torch.sigmoid(z) <= block.routing_threshold
-    block.last_keep = keep
-    block.last_processed = processed.detach()
-    if block.training:
-        return soft_routed_block(block, x, keep, log_keep)
-    return hard_routed_block(block, x, keep, log_keep, processed)
-
-
-# ---------------------------------------------------------------------------------------- Lightning
-def _routed_backbones(module: nn.Module) -> list[TokenFormerViT]:
-    from .model import TokenFormerViT
-
-    return [m for m in module.modules() if isinstance(m, TokenFormerViT) and m.token_routing]
-
-
-def _latest_stats(module: nn.Module) -> RoutingStats | None:
-    for backbone in _routed_backbones(module):
-        stats = backbone.routing_stats(strict=False)
-        if stats is not None:
-            return stats
-    return None
-
-
-def _clear(module: nn.Module) -> None:
-    for backbone in _routed_backbones(module):
-        backbone.clear_routing_state()
-
-
-def _make_callback_class() -> type:
-    import lightning as L  # imported on first use: `import tokenformer_vision` stays as cheap as timm
-
-    class RoutingMetricsCallback(L.Callback):
-        """Logs token-routing compute (TLOps) and adds it to predictions; a no-op for models without routing.
-
-        - validation: ``val/tlops`` (fraction of the unrouted model's token-layer operations executed, exact counts
-          summed over the epoch and over DDP ranks), ``val/tlops_saving`` and ``val/tlops_block{i}`` per block;
-        - training (``log_train=True``): ``train/tlops`` (what the current gates would skip at inference) and
-          ``train/routing_loss`` (λ·mean(1 − p) of the step) on each step;
-        - predict: when a predict step returns a dict, adds ``tlops`` ``[B]`` (per-image fraction) and
-          ``tlops_blocks`` ``[B, L]``; the totals of the whole predict run are in :attr:`predict_stats`.
-
-        Works on any LightningModule holding a ``TokenFormerViT`` built with ``token_routing=True``.
-        """
-
-        def __init__(self, log_train: bool = True) -> None:
-            super().__init__()
-            self.log_train = log_train
-            self._val_processed: torch.Tensor | None = None  # [L] token-block operations executed this epoch
-            self._val_tokens = 0  # token slots per block this epoch (images · N)
-            self.predict_stats: RoutingStats | None = None
-
-        # validation
-        def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self._val_processed, self._val_tokens = None, 0
-
-        def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                                      batch_idx: int, dataloader_idx: int = 0) -> None:
-            _clear(pl_module)  # only this batch's forward counts (not an EMA copy's or a skipped batch's)
-
-        def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                                    batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-            stats = _latest_stats(pl_module)
-            if stats is None:
-                return
-            processed = stats.processed.detach().sum(1).double()
-            if self._val_processed is not None and self._val_processed.shape != processed.shape:
-                raise ValueError(f"routing stats of different depths in one epoch: {self._val_processed.numel()} "
-                                 f"and {processed.numel()} blocks")
-            self._val_processed = processed if self._val_processed is None else self._val_processed + processed
-            self._val_tokens += stats.processed.shape[1] * stats.tokens
-
-        def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            if self._val_processed is None or trainer.sanity_checking:
-                return
-            processed = trainer.strategy.reduce(self._val_processed, reduce_op="sum")
-            total = torch.tensor(float(self._val_tokens), dtype=torch.float64, device=processed.device)
-            total = trainer.strategy.reduce(total, reduce_op="sum")
-            fractions = (processed / total).float()
-            tlops = fractions.mean()
-            pl_module.log("val/tlops", tlops)
-            pl_module.log("val/tlops_saving", 1.0 - tlops)
-            for i, value in enumerate(fractions):
-                pl_module.log(f"val/tlops_block{i}", value)
-
-        # training
-        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                               batch_idx: int) -> None:
-            if not self.log_train:
-                return
-            for backbone in _routed_backbones(pl_module):
-                stats = backbone.routing_stats(strict=False)
-                if stats is not None:
-                    pl_module.log("train/tlops", stats.tlops, on_step=True, on_epoch=False)
-                    pl_module.log("train/routing_loss", backbone.routing_loss().detach(), on_step=True,
-                                  on_epoch=False)
-                    return
-
-        # predict
-        def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self.predict_stats = None
-
-        def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                                   batch_idx: int, dataloader_idx: int = 0) -> None:
-            _clear(pl_module)
-
-        def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-            stats = _latest_stats(pl_module)
-            if stats is None:
-                return
-            stats = RoutingStats(stats.processed.detach().cpu(), stats.tokens)
-            self.predict_stats = stats if self.predict_stats is None else self.predict_stats.merge(stats)
-            if isinstance(outputs, dict):
-                outputs["tlops"] = stats.per_image().float()
-                outputs["tlops_blocks"] = (stats.processed.T.double() / stats.tokens).float()
-
-    RoutingMetricsCallback.__module__ = __name__
-    RoutingMetricsCallback.__qualname__ = "RoutingMetricsCallback"  # picklable, importable by class path
-    return RoutingMetricsCallback
-
-
-def __getattr__(name: str) -> Any:
-    # RoutingMetricsCallback subclasses lightning's Callback: built on first access so that importing the model
-    # (which imports this module) does not import lightning.
-    if name == "RoutingMetricsCallback":
-        cls = _make_callback_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

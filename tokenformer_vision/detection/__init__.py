@@ -10,7 +10,7 @@ Three lines in torchvision detection code::
 maps and ``out_channels``).
 """
 
-from .backbone import ViTDetBackbone, create_backbone, freeze_trunk, load_backbone_weights, read_state_dict
+from .backbone import ViTDetBackbone, create_backbone, freeze_trunk, load_backbone_weights
 from .builders import fasterrcnn_tokenformer, maskrcnn_tokenformer, retinanet_tokenformer
 from .pyramid import SimpleFeaturePyramid, anchor_sizes
 
@@ -23,6 +23,5 @@ __all__ = [
     "freeze_trunk",
     "load_backbone_weights",
     "maskrcnn_tokenformer",
-    "read_state_dict",
     "retinanet_tokenformer",
 ]

@@ -9,23 +9,18 @@ are not multiples of the patch are padded), because detection transforms resize 
 from __future__ import annotations
 
 import os
-import pickle
-import sys
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from torch import nn
 
+from ..checkpoint import adapt_state_dict, load_strict, load_weights
 from .pyramid import SimpleFeaturePyramid, TopBlock
 
-__all__ = ["ViTDetBackbone", "create_backbone", "freeze_trunk", "load_backbone_weights", "read_state_dict"]
-
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
+__all__ = ["ViTDetBackbone", "create_backbone", "freeze_trunk", "load_backbone_weights"]
 
 class ViTDetBackbone(nn.Module):
     """A plain ViT trunk (one stride-16 map) turned into a feature pyramid for torchvision detectors.
@@ -103,101 +98,23 @@ class ViTDetBackbone(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- weights
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read the trunk's weights from a Lightning checkpoint, a ``.pth``/``.pt`` state dict or ``.safetensors``.
-
-    Lightning checkpoints keep the module's state under ``state_dict`` with the LightningModule's attribute as a
-    key prefix; the trunk is expected under ``model.`` (keys with other prefixes, e.g. losses or metrics, are
-    dropped). DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes are stripped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(path))
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError) as err:
-            raise ValueError(
-                f"cannot read backbone weights from {path} with torch.load(weights_only=True): {err}. "
-                "Export a plain state dict (.pth) or .safetensors instead."
-            ) from err
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint dict")
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not state:
-        raise ValueError(f"{path} contains no tensors")
-    # Lightning checkpoint of ImageClassifier: the EMA weights when it kept them (what it validated with, and what
-    # ImageClassifier(pretrained=...) loads), else the LightningModule's `model`
-    for prefix in ("ema.module.", "model."):
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            break
-    out = {}
-    for key, value in state.items():
-        for prefix in _WRAPPER_PREFIXES:
-            key = key.removeprefix(prefix)
-        out[key] = value
-    return out
-
-
-def _check_architecture(state: Mapping[str, torch.Tensor], trunk: nn.Module, source: str) -> None:
-    """Catch weights of another model before any token-count logic can give a misleading message."""
-    block_ids = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
-    if not block_ids:
-        raise ValueError(f"{source} holds no transformer blocks ('blocks.N.*' keys): not weights of a ViT trunk")
-    for key in ("cls_token", "pos_embed"):
-        if key in state and state[key].shape[-1] != trunk.embed_dim:
-            raise ValueError(
-                f"{source} is for another model: its embed_dim is {state[key].shape[-1]} ({key} "
-                f"{tuple(state[key].shape)}), the backbone's is {trunk.embed_dim}"
-            )
-    if max(block_ids) + 1 != len(trunk.blocks):
-        raise ValueError(f"{source} is for another model: it has {max(block_ids) + 1} blocks, the backbone has "
-                         f"{len(trunk.blocks)} (depth)")
-
-
 def load_backbone_weights(trunk: nn.Module, weights: str | os.PathLike | Mapping[str, torch.Tensor]) -> None:
     """Load classifier weights into a detection trunk (in place), dropping the classifier head.
 
-    The trunk's own ``checkpoint_filter_fn`` adapts the state dict: for a TokenFormer it grows the trunk to the
-    saved parameter-token counts and resamples the position embedding to the trunk's grid (then
-    ``dynamic_img_size`` resamples it to each input on the fly). Weights of another model (other width or
-    depth, missing or unexpected keys, shapes that cannot be reconciled) raise a ValueError naming the keys.
+    ``weights``: a Lightning checkpoint of ImageClassifier (its EMA weights when it kept them), a ``.pth`` state
+    dict or ``.safetensors`` (:mod:`tokenformer_vision.checkpoint`), or a state dict. The trunk's family adapts
+    them (a TokenFormer trunk grows to the saved token counts; the position embedding is resampled). Weights of
+    another model raise a ValueError naming the difference (embed_dim, depth, token counts).
     """
     source = str(weights) if not isinstance(weights, Mapping) else "the given state dict"
-    state = read_state_dict(weights) if not isinstance(weights, Mapping) else dict(weights)
-    _check_architecture(state, trunk, source)
-    filter_fn = getattr(sys.modules[type(trunk).__module__], "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        try:
-            state = filter_fn(state, trunk)
-        except (ValueError, RuntimeError, KeyError) as err:
-            raise ValueError(f"cannot adapt {source} to the backbone: {err}") from err
+    state = load_weights(weights) if not isinstance(weights, Mapping) else dict(weights)
+    if not any(k.startswith("blocks.") for k in state):
+        raise ValueError(f"{source} holds no transformer blocks ('blocks.N.*' keys): not weights of a ViT trunk")
     classifier = (getattr(trunk, "pretrained_cfg", None) or {}).get("classifier", "head")
-    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{h}." for h in heads))}
-
-    own = trunk.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs backbone {tuple(own[k].shape)}"
-                  for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", mismatched)):
-            if items:
-                parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:4])})")
-        raise ValueError(f"{source} does not fit the backbone {type(trunk).__name__}: " + "; ".join(parts))
-    trunk.load_state_dict(state, strict=True)
+    heads = tuple(f"{h}." for h in ((classifier,) if isinstance(classifier, str) else classifier))
+    state = adapt_state_dict(trunk, {k: v for k, v in state.items() if not k.startswith(heads)})
+    own_head = {k: v for k, v in trunk.state_dict().items() if k.startswith(heads)}  # after any growth
+    load_strict(trunk, {**state, **own_head}, source)
 
 
 # ------------------------------------------------------------------------------------------- trainability

@@ -1,0 +1,183 @@
+"""The TokenFormer block: timm's pre-norm ViT block with every projection a Pattention, and the patch embedding.
+
+:class:`TokenFormerBlock` takes the arguments timm's ``VisionTransformer`` passes to its ``block_fn`` and the
+same ``forward(x, attn_mask=None)``; it adds an optional per-token ``gate`` that scales both residual updates,
+which is how token routing (:mod:`tokenformer_vision.routing`) runs a block on some tokens only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, PatchEmbed
+from torch import nn
+
+from .kernel import pattention_fused
+from .pattention import Pattention
+from .routing import RoutingConfig, make_router, route_block
+
+__all__ = ["PattentionAttention", "TokenFormerBlock", "PattentionPatchEmbed"]
+
+
+class PattentionAttention(nn.Module):
+    """Multi-head self-attention whose Q, K, V and output projections are Pattention layers.
+
+    Token-token attention is ordinary softmax attention (``F.scaled_dot_product_attention``) and takes an
+    ``attn_mask`` as timm's ``Attention`` does (bool, or an additive float bias broadcasting to
+    ``[B, heads, N, N]``).
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_tokens: int, *, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 value_std: float | None = None, dynamic_scale: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        kw = dict(value_std=value_std, dynamic_scale=dynamic_scale, device=device, dtype=dtype)
+        self.q = Pattention(dim, dim, num_tokens, **kw)
+        self.k = Pattention(dim, dim, num_tokens, **kw)
+        self.v = Pattention(dim, dim, num_tokens, **kw)
+        self.proj = Pattention(dim, dim, num_tokens, **kw)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def qkv(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``[q(x), k(x), v(x)]``: one kernel call over the three key sets when their token counts agree.
+
+        Each layer is called on its own (hooks run) when it has hooks, when the counts differ, or under FX
+        tracing (timm feature extraction), where the parameters are proxies.
+        """
+        layers = (self.q, self.k, self.v)
+        if (isinstance(self.q.key_param, torch.fx.Proxy) or len({p.num_tokens for p in layers}) > 1
+                or any(p._forward_hooks or p._forward_pre_hooks for p in layers)):
+            return [p(x) for p in layers]
+        return pattention_fused(x, [p.key_param for p in layers], [p.value_param for p in layers],
+                                [p.scale() for p in layers], self.q.eps)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = (t.view(B, N, self.num_heads, -1).transpose(1, 2) for t in self.qkv(x))
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(q.dtype)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+class TokenFormerBlock(nn.Module):
+    """Pre-norm block ``x + DropPath(Attn(LN(x)))``, ``x + DropPath(FFN(LN(x)))`` (official TokenFormer).
+
+    The LayerNorms have no affine parameters and the FFN is one Pattention d→d (``self.ffn``) whose GeLU is the
+    only non-linearity. With ``routing`` (and ``depth > 0``: block 0 always runs) the block has a router
+    (``self.router``, timm ``Mlp``) and :func:`tokenformer_vision.routing.route_block` decides which tokens it
+    processes.
+
+    Args:
+        dim, num_heads: width and attention heads (from timm's ``VisionTransformer``).
+        attn_tokens, ffn_tokens: parameter tokens of each attention projection and of the FFN.
+        value_std: std of the value tokens' init.
+        dynamic_scale: official τ = sqrt(current n).
+        attn_drop, proj_drop, drop_path: dropout rates (from timm).
+        depth: the block's index (from timm).
+        routing: the model's routing settings, shared by its blocks; None for no routing.
+        **timm_block_args: the rest of what timm passes to every ``block_fn`` (``mlp_ratio``, ``qkv_bias``,
+            ``norm_layer``, ...): they describe timm's own block and have no meaning here.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, attn_tokens: int, ffn_tokens: int, value_std: float | None = None,
+                 dynamic_scale: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0, drop_path: float = 0.0,
+                 depth: int = 0, routing: RoutingConfig | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, **timm_block_args: object) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, **dd)
+        self.attn = PattentionAttention(dim, num_heads, attn_tokens, attn_drop=attn_drop, proj_drop=proj_drop,
+                                        value_std=value_std, dynamic_scale=dynamic_scale, **dd)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, **dd)
+        self.ffn = Pattention(dim, dim, ffn_tokens, value_std=value_std, dynamic_scale=dynamic_scale, **dd)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.routing = routing if depth > 0 else None
+        self.router = make_router(dim, **dd) if self.routing is not None else None
+        self.last_keep: torch.Tensor | None = None  # [B, N] keep probabilities of the last routed forward
+        self.last_processed: torch.Tensor | None = None  # [B, N] bool, tokens the last forward processed
+
+    def __getstate__(self) -> dict:
+        # the last forward's keep probabilities may hold an autograd graph: not state, and they would make
+        # copy.deepcopy (EMA copies) and pickling fail
+        return {**self.__dict__, "last_keep": None, "last_processed": None}
+
+    def init_weights(self) -> None:
+        """Called by timm's ``VisionTransformer.init_weights`` after its children (their Linear layers)."""
+        if self.router is not None and not self.router.fc2.bias.is_meta:
+            nn.init.constant_(self.router.fc2.bias, self.routing.bias_init)
+
+    @property
+    def token_counts(self) -> dict[str, int]:
+        return {"attn_tokens": self.attn.q.num_tokens, "ffn_tokens": self.ffn.num_tokens}
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+                ) -> torch.Tensor:
+        """timm's block forward; a routed block runs :func:`~tokenformer_vision.routing.route_block`."""
+        if self.router is None:
+            return self.forward_gated(x, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None or is_causal:
+            raise ValueError("token routing does not combine with an external attn_mask or is_causal")
+        return route_block(self, x)
+
+    def forward_gated(self, x: torch.Tensor, gate: torch.Tensor | None = None,
+                      attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """The block on every token of ``x``, no routing decision; ``gate [B, N]`` scales each token's two
+        residual updates."""
+        g = 1.0 if gate is None else gate.unsqueeze(-1).to(x.dtype)
+        x = x + g * self.drop_path1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
+        return x + g * self.drop_path2(self.ffn(self.norm2(x)))
+
+    def grow(self, attn_tokens: int | None = None, ffn_tokens: int | None = None, *,
+             generator: torch.Generator | None = None) -> None:
+        """Append parameter tokens to the four attention projections and/or the FFN (function-preserving)."""
+        if attn_tokens is not None:
+            for layer in (self.attn.q, self.attn.k, self.attn.v, self.attn.proj):
+                layer.grow(attn_tokens, generator=generator)
+        if ffn_tokens is not None:
+            self.ffn.grow(ffn_tokens, generator=generator)
+
+
+class _PatchPattention(nn.Module):
+    """NCHW image → NCHW patch grid through a Pattention over flattened patches (a conv-free patch embedding)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: tuple[int, int], num_tokens: int,
+                 *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_channels = in_chans
+        self.out_channels = embed_dim
+        self.patch_size = patch_size
+        self.pattention = Pattention(in_chans * patch_size[0] * patch_size[1], embed_dim, num_tokens,
+                                     device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        if C != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channels, got {C} (input shape {tuple(x.shape)})")
+        ph, pw = self.patch_size
+        gh, gw = H // ph, W // pw
+        x = x[:, :, : gh * ph, : gw * pw]  # a conv with stride=patch drops the ragged edge too
+        patches = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B, gh, gw, C * ph * pw)
+        return self.pattention(patches).permute(0, 3, 1, 2)
+
+
+class PattentionPatchEmbed(PatchEmbed):
+    """timm ``PatchEmbed`` (size checks, dynamic padding, flattening) whose projection is a Pattention."""
+
+    def __init__(self, *args, num_tokens: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        conv = self.proj
+        self.proj = _PatchPattention(conv.in_channels, conv.out_channels, self.patch_size,
+                                     num_tokens or conv.out_channels, device=conv.weight.device,
+                                     dtype=conv.weight.dtype)
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        if patch_size is not None and tuple(patch_size) != tuple(self.patch_size):
+            raise NotImplementedError("PattentionPatchEmbed cannot change its patch size")
+        super().set_input_size(img_size=img_size)
