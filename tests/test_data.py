@@ -1,4 +1,5 @@
-"""Tests of tokenformer_vision.data: transforms, image folders, skipping, worker reseeding, digits."""
+"""Tests of tokenformer_vision.data: transforms, decoding, image folders, skipping, worker reseeding, epoch-seeded
+training streams and resuming, CLI help, digits."""
 
 from __future__ import annotations
 
@@ -24,11 +25,13 @@ from torch.utils.data import DataLoader
 
 from tokenformer_vision.data import (
     DigitsDataModule,
+    EpochSampler,
     ImageFileDataset,
     ImageFolderDataModule,
     ImageNetDataModule,
     build_transforms,
     collate_skip_none,
+    default_num_workers,
     load_digits_rgb,
     load_rgb,
     rand_augment_policy,
@@ -165,6 +168,22 @@ def test_load_rgb_converts_modes(tmp_path):
         load_rgb(tmp_path / "t.jpg")
 
 
+def test_load_rgb_scales_16_bit_grayscale(tmp_path):
+    from PIL import Image
+
+    values = np.array([[0, 1, 128, 129, 257, 1000], [32767, 32896, 40000, 65278, 65534, 65535]], np.uint16)
+    expected = np.round(values / 257.0).astype(np.uint8)  # 257 * k -> k exactly; 65535 -> 255
+    Image.fromarray(values).save(tmp_path / "g16.png")  # 16-bit grayscale PNG (PIL mode I;16)
+    Image.fromarray(values).save(tmp_path / "g16.tif")
+    Image.fromarray(values.astype(np.int32)).save(tmp_path / "i32.tif")  # mode I
+    assert Image.open(tmp_path / "g16.png").mode == "I;16" and Image.open(tmp_path / "i32.tif").mode == "I"
+    for name in ("g16.png", "g16.tif", "i32.tif"):
+        out = load_rgb(tmp_path / name)
+        assert out.shape == (2, 6, 3) and out.dtype == np.uint8, name
+        for c in range(3):
+            np.testing.assert_array_equal(out[..., c], expected, err_msg=name)
+
+
 # ---------------------------------------------------------------------------------------------- image folders
 def test_imagefolder_classes_samples_and_batches(imagefolder):
     dm = small_dm(imagefolder, rand_augment=True, random_erasing=0.25)
@@ -213,7 +232,6 @@ def test_transform_settings_follow_model_cfg(imagefolder):
 
 def test_corrupt_image_is_skipped_with_warning_and_counted(imagefolder):
     dm = small_dm(imagefolder, batch_size=4, drop_last=False)
-    torch.manual_seed(0)  # the shuffle follows the global RNG (Lightning seeds it): fix it for this test
     with pytest.warns(UserWarning, match="corrupt.JPEG"):
         batches = [b for b in dm.train_dataloader() if b is not None]
     assert dm.skipped_images == 1
@@ -239,6 +257,17 @@ def test_skip_count_is_shared_with_workers_and_picklable(imagefolder):
     assert clone.skipped_images == 1 and clone.num_classes == 3
     dm0 = small_dm(imagefolder)
     assert dm0.train_dataloader().persistent_workers is False  # never with num_workers=0
+
+
+def test_skip_count_adds_up_over_persistent_workers_and_epochs(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    for i in range(4):
+        write_image(tmp_path / "train" / "a" / f"ok{i}.png", np.zeros((8, 8, 3), np.uint8))
+    for i in range(6):  # spread over both workers
+        (tmp_path / "train" / "a" / f"bad{i}.jpg").write_bytes(b"not an image")
+    dm = small_dm(tmp_path, batch_size=1, num_workers=2, persistent_workers=True)
+    assert sum(len(t) for _, t in _epoch_batches(dm, range(2))[1]) == 4
+    assert dm.skipped_images == 12 and dm.state_dict()["skipped_images"] == 12
 
 
 def test_worker_reseeding_gives_each_worker_its_own_augmentations(tmp_path):
@@ -318,11 +347,159 @@ def test_layout_errors(imagefolder, tmp_path):
         small_dm(imagefolder, hflip=1.5)
 
 
+def test_empty_train_class_folder_fails_at_construction_and_empty_val_folder_is_allowed(tmp_path):
+    make_imagefolder(tmp_path, train_per_class=1, val_per_class=1, corrupt=False)
+    (tmp_path / "val" / "wolf").mkdir()
+    # the mismatch message tells which splits may hold empty class folders ...
+    with pytest.raises(ValueError, match=r"(?s)unexpected \['wolf'\].*a train class folder may not"):
+        small_dm(tmp_path)
+    # ... so an empty train folder is refused right away, naming it (not later in setup)
+    (tmp_path / "train" / "wolf").mkdir()
+    with pytest.raises(ValueError, match=r"1 class folder\(s\) of .*train contain no images: \['wolf'\]"):
+        small_dm(tmp_path)
+    (tmp_path / "train" / "wolf" / "sub").mkdir()  # images may sit in sub-folders of a class folder
+    write_image(tmp_path / "train" / "wolf" / "sub" / "w.png", np.zeros((8, 8, 3), np.uint8))
+    dm = small_dm(tmp_path)  # val/wolf is still empty: allowed, with a warning when the split is scanned
+    assert dm.class_names == ["cat", "dog", "fox", "wolf"]
+    with pytest.warns(UserWarning, match=r"class folder\(s\) of .*val contain no images: \['wolf'\]"):
+        dm.setup("validate")
+    assert len(dm.dataset("val")) == 3
+
+
+def test_num_workers_default_follows_the_usable_cores(imagefolder, monkeypatch):
+    import os
+
+    for cores, expected in ((1, 0), (2, 1), (4, 3), (9, 8), (64, 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert default_num_workers() == expected
+        assert ImageFolderDataModule(str(imagefolder)).num_workers == expected
+    assert ImageFolderDataModule(str(imagefolder), num_workers=3).num_workers == 3
+    assert DigitsDataModule().num_workers == 0  # in-memory data: no workers by default
+
+
+def test_every_datamodule_argument_has_its_own_cli_help():
+    import inspect
+
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    for cls in (ImageFolderDataModule, ImageNetDataModule, DigitsDataModule):
+        parser = LightningArgumentParser()
+        parser.add_class_arguments(cls, "data")
+        helps = {action.dest: action.help for action in parser._actions}
+        names = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+        assert len(names) > 15
+        for name in names:
+            text = helps.get(f"data.{name}")
+            assert isinstance(text, str) and len(text) > 10, (cls.__name__, name, text)
+        assert "RandAugment" not in helps["data.hflip"] and "RandAugment" in helps["data.ra_magnitude"]
+        assert len({helps[f"data.{n}"] for n in names}) == len(names)  # no shared catch-all lines
+
+
 def test_small_training_set_keeps_partial_batch(imagefolder):
     dm = small_dm(imagefolder, batch_size=64)
     with pytest.warns(UserWarning, match="smaller than one batch"):
         loader = dm.train_dataloader()
     assert loader.drop_last is False
+
+
+# ---------------------------------------------------------------------------------------------------- resuming
+def _epoch_batches(dm, epochs) -> dict[int, list]:
+    """Train batches of each epoch, taken from ONE train DataLoader (workers persist across epochs, as in a fit)."""
+    loader = dm.train_dataloader()
+    out = {}
+    for epoch in epochs:
+        dm.set_epoch(epoch)
+        out[epoch] = drain(loader)
+    return out
+
+
+def _same_batches(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, u) and torch.equal(y, v)
+                                    for (x, y), (u, v) in zip(a, b, strict=True))
+
+
+def test_train_epochs_replay_bit_for_bit_after_load_state_dict(imagefolder):
+    kw = dict(batch_size=4, rand_augment=True, random_erasing=0.5, persistent_workers=True, drop_last=False, seed=7)
+    runs = {}
+    for workers in (0, 2):
+        torch.manual_seed(workers)  # the global RNG must not matter
+        dm = small_dm(imagefolder, num_workers=workers, **kw)
+        runs[workers] = _epoch_batches(dm, range(3))
+        state = dm.state_dict()
+        assert state == {"seed": 7, "epoch": 2, "skipped_images": 3}  # the corrupt file, once per epoch
+        resumed = small_dm(imagefolder, num_workers=workers, **kw)
+        resumed.load_state_dict(state)
+        assert resumed.epoch == 2 and resumed.skipped_images == 3
+        assert _same_batches(drain(resumed.train_dataloader()), runs[workers][2])
+        assert resumed.skipped_images == 4
+        targets = [torch.cat([y for _, y in runs[workers][e]]).tolist() for e in range(3)]
+        assert targets[0] != targets[1] != targets[2] != targets[0]  # each epoch has its own order
+        assert sorted(targets[0]) == sorted(targets[2])
+    # the batches are a function of (seed, epoch) alone: the number of workers changes nothing
+    for epoch in range(3):
+        assert _same_batches(runs[0][epoch], runs[2][epoch])
+    # another seed, other batches; a checkpoint's seed replaces the configured one (with a warning)
+    other = small_dm(imagefolder, **{**kw, "seed": 8})
+    other.set_epoch(2)
+    assert not _same_batches(drain(other.train_dataloader()), runs[0][2])
+    with pytest.warns(UserWarning, match="seed 8 replaced by the checkpoint's 7"):
+        other.load_state_dict({"seed": 7, "epoch": 2, "skipped_images": 0})
+    assert _same_batches(drain(other.train_dataloader()), runs[0][2])
+
+
+def test_epoch_sampler_order_seeds_and_rank_shares():
+    data = list(range(10))
+    sampler = EpochSampler(data, seed=3)
+    first = list(sampler)
+    assert sorted(i for i, _ in first) == data and list(sampler) == first  # a permutation, repeatable
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    # per-sample augmentation seeds belong to the index, so every rank agrees on them; ranks split the order
+    shares = [list(EpochSampler(data, seed=3, epoch=1, num_replicas=3, rank=r)) for r in range(3)]
+    assert all(len(share) == 4 for share in shares)  # 10 padded to 12
+    merged = [pair for rank_pairs in zip(*shares, strict=True) for pair in rank_pairs]
+    assert merged[:10] == list(sampler) and merged[10:] == list(sampler)[:2]
+    # (seed, epoch) is mixed, not added: seed 3 / epoch 1 and seed 4 / epoch 0 are unrelated
+    assert list(EpochSampler(data, seed=4, epoch=0)) != list(sampler)
+
+
+def test_lightning_sets_the_epoch_and_a_resumed_fit_replays_its_batches(imagefolder, tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Recorder(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 3)
+            self.seen: dict[int, list] = {}
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            self.seen.setdefault(self.current_epoch, []).append((x.clone(), y.clone()))
+            return torch.nn.functional.cross_entropy(self.layer(x.mean((2, 3))), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(ckpt_path=None) -> tuple[Recorder, ImageFolderDataModule]:
+        model, dm = Recorder(), small_dm(imagefolder, batch_size=4, random_erasing=0.5)
+        trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                            callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return model, dm
+
+    model, dm = fit()
+    assert sorted(model.seen) == [0, 1, 2] and dm.epoch == 2 and dm.skipped_images == 3
+    assert not _same_batches(model.seen[1], model.seen[2])
+    ckpt = torch.load(tmp_path / "epoch=1.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["ImageFolderDataModule"] == {"seed": 0, "epoch": 1, "skipped_images": 2}
+    resumed, dm2 = fit(tmp_path / "epoch=1.ckpt")
+    assert sorted(resumed.seen) == [2]
+    assert _same_batches(resumed.seen[2], model.seen[2])
+    assert dm2.skipped_images == 3
 
 
 # ----------------------------------------------------------------------------------------------------- digits

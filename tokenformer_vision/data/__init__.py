@@ -4,16 +4,25 @@
 from tokenformer_vision.data import ImageFolderDataModule, DigitsDataModule, build_transforms
 dm = ImageFolderDataModule("/data/imagenet", model_name="tokenformer_base", batch_size=256, num_workers=8)
 dm.num_classes, dm.class_names          # known right after __init__
+dm.set_epoch(3)                         # train batches of epoch 3: a function of (seed, epoch) alone
 ```
 """
 
-from .datamodule import ImageClassificationDataModule, ImageFolderDataModule, ImageNetDataModule
+from .datamodule import (
+    ImageClassificationDataModule,
+    ImageFolderDataModule,
+    ImageNetDataModule,
+    default_num_workers,
+)
 from .digits import DigitsDataModule, load_digits_rgb, split_digits
 from .folder import (
     ArrayDataset,
+    EpochSampler,
     ImageFileDataset,
     SkipCounter,
     collate_skip_none,
+    derive_seed,
+    empty_class_folders,
     find_class_names,
     list_images,
     load_rgb,
@@ -32,6 +41,7 @@ from .transforms import (
 __all__ = [
     "ArrayDataset",
     "DigitsDataModule",
+    "EpochSampler",
     "ImageClassificationDataModule",
     "ImageFileDataset",
     "ImageFolderDataModule",
@@ -40,6 +50,9 @@ __all__ = [
     "TransformConfig",
     "build_transforms",
     "collate_skip_none",
+    "default_num_workers",
+    "derive_seed",
+    "empty_class_folders",
     "find_class_names",
     "interpolation_flag",
     "list_images",

@@ -4,13 +4,21 @@ Batches: train/val/test ``(images float32 [B, 3, H, W], targets int64 [B])``; pr
 indices)`` with ``targets = -1`` where unknown and ``indices`` into :meth:`predict_names`. Unreadable images are
 dropped from their batch; a batch whose images were all unreadable is ``None``: Lightning's training loop skips it
 (with a warning), validation/test/predict steps receive it and should return ``None``.
+
+Training batches (order and augmentation) are a function of ``(seed, epoch)``: see :class:`EpochSampler`. The
+seed and epoch travel in Lightning checkpoints (:meth:`ImageClassificationDataModule.state_dict`), so a run resumed
+at epoch k sees exactly the batches the uninterrupted run saw in epoch k.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -18,9 +26,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from .folder import (
     LAYOUT_HELP,
+    EpochSampler,
     ImageFileDataset,
     SkipCounter,
     collate_skip_none,
+    derive_seed,
+    empty_class_folders,
     find_class_names,
     list_images,
     scan_split,
@@ -28,11 +39,73 @@ from .folder import (
 )
 from .transforms import TransformConfig, build_transforms, resolve_transform_config
 
-__all__ = ["ImageClassificationDataModule", "ImageFolderDataModule", "ImageNetDataModule"]
+__all__ = ["ImageClassificationDataModule", "ImageFolderDataModule", "ImageNetDataModule", "default_num_workers"]
 
 
+def default_num_workers() -> int:
+    """Default DataLoader workers per process: the usable cores minus one for the main process, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))  # honours taskset/cgroup limits, as DataLoader's own check does
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
+
+
+# One help line per __init__ argument: jsonargparse (LightningCLI --help) reads Google-style "name: text" lines,
+# and a line naming several arguments documents none of them. "None: ..." says what an unset argument means.
+_ARG_HELP = {
+    "root": "dataset root holding the split folders (ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG).",
+    "img_size": "input size, an int or (height, width); None: the pretrained cfg of model_name, else 224.",
+    "batch_size": "images per batch (per process).",
+    "num_workers": "DataLoader worker processes (per process); None: usable CPU cores - 1, at most 8.",
+    "model_name": "timm model whose pretrained cfg supplies the preprocessing defaults.",
+    "crop_pct": "evaluation crop fraction: resize the shorter side to img_size / crop_pct, then centre-crop; "
+                "None: the model's, else 0.875.",
+    "mean": "per-channel normalisation mean on a 0..1 scale; None: the model's, else ImageNet's.",
+    "std": "per-channel normalisation standard deviation; None: the model's, else ImageNet's.",
+    "interpolation": "resize interpolation (nearest, bilinear, bicubic, area, lanczos); None: the model's, "
+                     "else bicubic.",
+    "train_split": "name of the train split folder under root.",
+    "val_split": "name of the validation split folder under root.",
+    "test_split": "name of the test split folder under root; None: val_split.",
+    "predict_split": "name of the predict split folder under root; None: val_split.",
+    "predict_root": "folder of images (searched recursively) to predict instead of a split; an image in a folder "
+                    "named like a class gets that class as target, others -1.",
+    "hflip": "training horizontal-flip probability.",
+    "rand_augment": "apply the RandAugment policy in training.",
+    "ra_num_ops": "RandAugment operations drawn per image.",
+    "ra_magnitude": "RandAugment magnitude on timm's 0..10 scale.",
+    "random_erasing": "training random-erasing probability.",
+    "scale": "RandomResizedCrop area range (min, max), as fractions of the image.",
+    "affine": "probability of a mild random affine (rotation, shift, zoom, shear) in training.",
+    "fill": "colour of areas uncovered by geometric augmentation or padding; None: the mean colour.",
+    "pin_memory": "pin batches in page-locked memory (only when CUDA is available).",
+    "persistent_workers": "keep DataLoader workers alive between epochs.",
+    "drop_last": "drop the last partial training batch.",
+    "seed": "seed of the training shuffle and augmentation; each epoch's streams derive from (seed, epoch).",
+}
+
+
+def _document_args(**specific: str) -> Callable[[type], type]:
+    """Class decorator: append an ``Args:`` section with one ``name: help`` line per ``__init__`` parameter
+    (``specific``, else the shared help); fails at import if a parameter has none."""
+
+    def decorate(cls: type) -> type:
+        helps = {**_ARG_HELP, **specific}
+        names = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        if missing := [name for name in names if name not in helps]:
+            raise TypeError(f"{cls.__name__}.__init__ arguments without help text: {missing}")
+        args = "\n".join(f"    {name}: {helps[name]}" for name in names)
+        cls.__doc__ = f"{inspect.cleandoc(cls.__doc__ or '')}\n\nArgs:\n{args}\n"
+        return cls
+
+    return decorate
+
+
+@_document_args()
 class ImageClassificationDataModule(L.LightningDataModule):
-    """Common part of the data modules: transform settings, DataLoaders (workers, pinning, reseeding, skipping).
+    """Common part of the data modules: transform settings, DataLoaders (workers, pinning, reseeding, skipping),
+    epoch-seeded training streams saved in checkpoints.
 
     Subclasses set ``class_names`` in ``__init__`` and implement :meth:`_make_dataset`.
     """
@@ -41,7 +114,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self,
         img_size: int | tuple[int, int] | None = None,
         batch_size: int = 64,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         model_name: str | None = None,
         crop_pct: float | None = None,
         mean: tuple[float, float, float] | None = None,
@@ -61,6 +134,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        num_workers = default_num_workers() if num_workers is None else num_workers
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -80,6 +154,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.class_names: list[str] = []
         self._skip_counter = SkipCounter()
         self._datasets: dict[str, Dataset] = {}
+        self._epoch = 0
+        self._sampler: EpochSampler | None = None  # of the latest train DataLoader
 
     # -- public attributes ------------------------------------------------------------------------------------
     @property
@@ -92,9 +168,46 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     @property
     def skipped_images(self) -> int:
-        """Unreadable images skipped so far, by this process and its DataLoader workers (a file skipped in two
-        epochs counts twice)."""
+        """Running count of unreadable images skipped by this process and all its DataLoader workers (persistent
+        or not, any start method), over all stages; a file skipped in two epochs counts twice. Per rank (sum it
+        over ranks when logging); restored from the checkpoint when a fit resumes."""
         return self._skip_counter.value
+
+    # -- epochs and resuming ----------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """Epoch whose shuffle and augmentation the train DataLoader produces (Lightning sets it through the
+        sampler's ``set_epoch`` at every epoch start; :meth:`set_epoch` sets it by hand)."""
+        return self._sampler.epoch if self._sampler is not None else self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the train DataLoader (existing or future) produce the batches of ``epoch``."""
+        self._epoch = int(epoch)
+        if self._sampler is not None:
+            self._sampler.set_epoch(self._epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        """What Lightning stores in checkpoints: ``seed`` and ``epoch`` of the training streams and the
+        ``skipped_images`` count (plain ints, loadable with ``torch.load(weights_only=True)``)."""
+        return {"seed": self.seed, "epoch": self.epoch, "skipped_images": self.skipped_images}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (Lightning calls this when resuming, before it builds the train DataLoader).
+
+        The checkpoint's seed wins over the configured one, with a warning if they differ, because the resumed
+        epochs must replay the original run's streams.
+        """
+        seed = int(state_dict.get("seed", self.seed))
+        if seed != self.seed:
+            warnings.warn(f"data seed {self.seed} replaced by the checkpoint's {seed} so that the resumed epochs "
+                          "see the batches of the original run", stacklevel=2)
+        self.seed = seed
+        if self._sampler is not None:
+            self._sampler.seed = seed
+        self.set_epoch(state_dict.get("epoch", self.epoch))
+        # validate/test/predict from a training checkpoint count their own skips from zero
+        if self.trainer is None or self.trainer.state.fn == "fit":
+            self._skip_counter.reset(int(state_dict.get("skipped_images", self.skipped_images)))
 
     def predict_names(self) -> list[str]:
         """Name (file path or stable id) of each predict sample, in the order of the predict batches' indices."""
@@ -137,17 +250,24 @@ class ImageClassificationDataModule(L.LightningDataModule):
                           "keeping the partial batch instead of dropping it", stacklevel=3)
             drop_last = False
         workers = self.num_workers > 0
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = None
+        if train:
+            # a DistributedSampler already: Lightning keeps it under DDP rather than wrapping it
+            sampler = self._sampler = EpochSampler(dataset, self.seed, self.epoch, world_size, rank)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             collate_fn=collate_skip_none,
             pin_memory=self.pin_memory and torch.cuda.is_available(),  # pinning without CUDA only warns
             persistent_workers=self.persistent_workers and workers,
-            worker_init_fn=functools.partial(seed_worker, rank=rank) if workers else None,
+            worker_init_fn=functools.partial(seed_worker, rank=rank, sampler=sampler) if workers else None,
+            # every DataLoader iteration draws a base seed: from its own generator, not the global torch RNG
+            generator=torch.Generator().manual_seed(derive_seed(self.seed, rank)),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -163,29 +283,16 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return self._loader("predict")
 
 
+@_document_args()
 class ImageFolderDataModule(ImageClassificationDataModule):
     """Image classification data in the ImageNet folder layout (``root/train/<class>/*.JPEG``,
     ``root/val/<class>/*.JPEG``), with albumentations transforms.
 
-    Class order is the sorted train class folder names (the val split must have the same folders). Preprocessing
+    Class order is the sorted train class folder names. Every train class folder needs at least one image
+    (checked here, at construction); val/test need the same class folders, which may be empty. Preprocessing
     (input size, mean/std, crop_pct, interpolation) comes from timm's pretrained cfg of ``model_name`` unless given.
-    ``predict_root`` (any folder of images, searched recursively) replaces ``predict_split``; its targets are the
-    class index when an image sits in a folder named like a class, else -1. Unreadable images are skipped with a
-    warning and counted in :attr:`skipped_images`.
-
-    Args:
-        root: dataset root holding the split folders.
-        img_size: input size; default: the model's pretrained cfg, else 224.
-        batch_size, num_workers: DataLoader settings (per process).
-        model_name: timm model whose pretrained cfg supplies the preprocessing defaults.
-        crop_pct, mean, std, interpolation: preprocessing overrides.
-        train_split, val_split, test_split, predict_split: split folder names (test/predict default to val).
-        predict_root: folder of images to predict instead of a split.
-        hflip: horizontal-flip probability. rand_augment, ra_num_ops, ra_magnitude: RandAugment policy.
-        random_erasing: random-erasing probability. scale: RandomResizedCrop area range. affine: mild-affine prob.
-        fill: colour uncovered by geometric augmentation (default: the mean colour).
-        pin_memory: pin batches (only when CUDA is available). persistent_workers: keep workers between epochs.
-        drop_last: drop the last partial training batch. seed: seed of the main-process augmentation stream.
+    ``predict_root`` replaces ``predict_split``. Unreadable images are skipped with a warning and counted in
+    :attr:`skipped_images`.
     """
 
     def __init__(
@@ -193,7 +300,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         root: str,
         img_size: int | tuple[int, int] | None = None,
         batch_size: int = 64,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         model_name: str | None = None,
         crop_pct: float | None = None,
         mean: tuple[float, float, float] | None = None,
@@ -238,6 +345,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         train_dir, val_dir = self.root / train_split, self.root / val_split
         if train_dir.is_dir():
             self.class_names = find_class_names(train_dir)
+            empty_class_folders(train_dir, self.class_names)  # raises naming them: the first place they show
         elif val_dir.is_dir():
             self.class_names = find_class_names(val_dir)
         else:
@@ -258,7 +366,8 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             raise ValueError(
                 f"class folders of {split_dir} differ from those of {self.root / self.splits['train']}: "
                 f"{len(missing)} missing {missing[:10]}, {len(extra)} unexpected {extra[:10]}. Every split needs "
-                f"the same class folders (an empty folder is fine for a class without images).\n{LAYOUT_HELP}")
+                f"the same class folders; a val/test class folder may be empty, a train class folder may not."
+                f"\n{LAYOUT_HELP}")
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
@@ -293,5 +402,6 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         return list(self._predict_names)
 
 
+@_document_args()
 class ImageNetDataModule(ImageFolderDataModule):
     """:class:`ImageFolderDataModule` under the name of its main use (ImageNet-1k in the standard layout)."""

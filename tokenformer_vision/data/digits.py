@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from .datamodule import ImageClassificationDataModule
+from .datamodule import ImageClassificationDataModule, _document_args
 from .folder import ArrayDataset
 from .transforms import interpolation_flag
 
@@ -34,6 +34,16 @@ def split_digits(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[n
     return np.sort(train_idx), np.sort(val_idx)
 
 
+@_document_args(
+    img_size="input size, an int or (height, width); the 8x8 digits are upscaled to it once.",
+    num_workers="DataLoader worker processes (per process); the images are in memory, so 0 is usually fastest.",
+    val_fraction="fraction of the images held out (stratified) for validation, test and predict.",
+    seed="seed of the train/val split and of the training shuffle and augmentation (per epoch: (seed, epoch)).",
+    mean="per-channel normalisation mean on a 0..1 scale; None: the training pixels' mean.",
+    std="per-channel normalisation standard deviation; None: the training pixels' standard deviation.",
+    fill="colour of areas uncovered by geometric augmentation (default 0: black, the digits' background); "
+         "None: the mean colour.",
+)
 class DigitsDataModule(ImageClassificationDataModule):
     """scikit-learn's digits as a 10-class image dataset (class names ``"0"`` .. ``"9"``).
 
@@ -41,8 +51,7 @@ class DigitsDataModule(ImageClassificationDataModule):
     use that same held-out set. The 8×8 images are upscaled once to ``img_size`` (``interpolation``) so that crops
     and affines act on a fine grid. Augmentation defaults are mild and flip-free (digits are not mirror
     symmetric): RandomResizedCrop scale (0.7, 1) and a small affine that fills with black (the background).
-    ``mean``/``std`` default to the pixel statistics of the training images. Other arguments: see
-    :class:`ImageFolderDataModule`.
+    ``mean``/``std`` default to the pixel statistics of the training images.
     """
 
     def __init__(

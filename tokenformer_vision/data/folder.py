@@ -1,5 +1,5 @@
 """Image-folder scanning, robust decoding, datasets that skip unreadable images, and DataLoader helpers
-(collate that drops skipped samples, per-worker reseeding of the augmentation pipeline)."""
+(collate that drops skipped samples, an epoch-seeded training sampler, per-worker reseeding)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import multiprocessing.context
 import os
 import random
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, default_collate, get_worker_info
+from torch.utils.data import Dataset, DistributedSampler, default_collate, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from .transforms import reseed_transform
@@ -24,9 +24,12 @@ __all__ = [
     "IMG_EXTENSIONS",
     "LAYOUT_HELP",
     "ArrayDataset",
+    "EpochSampler",
     "ImageFileDataset",
     "SkipCounter",
     "collate_skip_none",
+    "derive_seed",
+    "empty_class_folders",
     "find_class_names",
     "list_images",
     "load_rgb",
@@ -43,8 +46,15 @@ LAYOUT_HELP = (
 
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file to an RGB ``uint8 [H, W, 3]`` array (grayscale, CMYK, palette, RGBA -> RGB)."""
+    """Decode an image file to an RGB ``uint8 [H, W, 3]`` array (grayscale, CMYK, palette, RGBA -> RGB).
+
+    16-bit grayscale (PIL modes ``I;16*``, and ``I`` read as 0..65535) is scaled to 0..255 (``round(v / 257)``).
+    """
     with Image.open(path) as img:
+        if img.mode.startswith("I"):
+            # PIL's convert("RGB") clips these to 255 instead of scaling them
+            grey = np.round(np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0).astype(np.uint8)
+            return np.repeat(grey[..., None], 3, axis=2)
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
         if img.mode != "RGB":
@@ -68,24 +78,48 @@ def find_class_names(split_dir: str | os.PathLike) -> list[str]:
     return names
 
 
+def _has_image(folder: str) -> bool:
+    # stops at the first image, so checking every ImageNet class folder costs one directory read each
+    for _, _, filenames in os.walk(folder, followlinks=True):  # the same walk as torchvision's make_dataset
+        if any(f.lower().endswith(IMG_EXTENSIONS) for f in filenames):
+            return True
+    return False
+
+
+def empty_class_folders(split_dir: str | os.PathLike, class_names: Sequence[str], raise_error: bool = True
+                        ) -> list[str]:
+    """Class folders of ``split_dir`` without any image (searched recursively).
+
+    ``raise_error``: raise ``ValueError`` naming them instead (a train split needs images in every class; the
+    message says "contains no images" when the whole split is empty).
+    """
+    split_dir = Path(split_dir)
+    empty = [name for name in class_names if not _has_image(str(split_dir / name))]
+    if empty and raise_error:
+        if len(empty) == len(class_names):
+            raise ValueError(f"split folder {split_dir} contains no images.\n{LAYOUT_HELP}")
+        raise ValueError(f"{len(empty)} class folder(s) of {split_dir} contain no images: {empty[:10]}. Every "
+                         f"train class folder needs at least one image: add images or remove the folder.\n"
+                         f"{LAYOUT_HELP}")
+    return empty
+
+
 def scan_split(split_dir: str | os.PathLike, class_names: Sequence[str], require_all: bool = True
                ) -> list[tuple[str, int]]:
     """``(path, class index)`` of every image under ``split_dir/<class>/`` (recursively), in sorted order.
 
-    Raises ``ValueError`` if the split holds no images, or (``require_all``) if some class folder is empty.
+    Raises ``ValueError`` if the split holds no images, or (``require_all``) if some class folder is empty (see
+    :func:`empty_class_folders`); otherwise empty class folders only warn.
     """
     split_dir = Path(split_dir)
     class_to_idx = {name: i for i, name in enumerate(class_names)}
     samples = make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    if not samples:
-        raise ValueError(f"split folder {split_dir} contains no images.\n{LAYOUT_HELP}")
     counts = np.bincount([t for _, t in samples], minlength=len(class_names))
     empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
+    if empty and (require_all or not samples):
+        empty_class_folders(split_dir, class_names)  # raises with the same message as the up-front check
     if empty:
-        msg = f"{len(empty)} class folder(s) of {split_dir} contain no images: {empty[:10]}"
-        if require_all:
-            raise ValueError(f"{msg}.\n{LAYOUT_HELP}")
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(f"{len(empty)} class folder(s) of {split_dir} contain no images: {empty[:10]}", stacklevel=2)
     return samples
 
 
@@ -108,20 +142,24 @@ class SkipCounter:
     """Count of skipped (unreadable) images, shared by the main process and its DataLoader workers.
 
     Backed by shared memory that DataLoader workers inherit (fork) or receive while being spawned (any start
-    method). Lock-free: each process adds to its own slot (by pid) and reading sums the slots. Pickled in any other
-    context (a deepcopy, a checkpoint), it degrades to a new local counter starting at the current value instead of
-    failing like a bare ``multiprocessing.Value`` would.
+    method), persistent or not. Lock-free: each process adds to its own slot (by pid) and reading sums the slots.
+    Pickled in any other context (a deepcopy, a checkpoint), it degrades to a new local counter starting at the
+    current value instead of failing like a bare ``multiprocessing.Value`` would.
     """
 
-    _SLOTS = 256
+    _SLOTS = 1024
 
     def __init__(self, start: int = 0) -> None:
         # RawArray has no SemLock, so it can also be handed to workers of another start method (spawn/forkserver)
         self._slots = multiprocessing.RawArray("q", self._SLOTS)
         self._slots[0] = start
 
+    def reset(self, value: int = 0) -> None:
+        """Set the count (e.g. restored from a checkpoint); call it while no worker is running."""
+        self._slots[:] = [value] + [0] * (self._SLOTS - 1)
+
     def increment(self) -> None:
-        # one writer per slot (barring pid collisions mod 256 between simultaneously failing processes)
+        # one writer per slot (barring pid collisions mod _SLOTS between simultaneously failing processes)
         self._slots[os.getpid() % self._SLOTS] += 1
 
     @property
@@ -153,10 +191,26 @@ class _AugmentedDataset(Dataset):
         if self.transform is not None and hasattr(self.transform, "set_random_state"):
             reseed_transform(self.transform, seed)
 
-    def _output(self, image: np.ndarray, target: int, index: int) -> tuple:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple | None:
+        """Sample ``key``: an index, or ``(index, augmentation seed)`` from :class:`EpochSampler`, which reseeds
+        the pipeline first so that the sample's augmentation depends on nothing else (worker, worker count,
+        what the worker processed before)."""
+        if isinstance(key, tuple):
+            key, seed = key
+            self.reseed(seed)
+        image = self._load(key)
+        if image is None:
+            return None
         if self.transform is not None:
             image = self.transform(image=image)["image"]
-        return (image, target, index) if self.return_index else (image, target)
+        target = int(self._target(key))
+        return (image, target, key) if self.return_index else (image, target)
+
+    def _load(self, index: int) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def _target(self, index: int) -> int:
+        raise NotImplementedError
 
 
 class ImageFileDataset(_AugmentedDataset):
@@ -171,15 +225,17 @@ class ImageFileDataset(_AugmentedDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple | None:
-        path, target = self.samples[index]
+    def _target(self, index: int) -> int:
+        return self.samples[index][1]
+
+    def _load(self, index: int) -> np.ndarray | None:
+        path = self.samples[index][0]
         try:
-            image = load_rgb(path)
+            return load_rgb(path)
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
             self.skip_counter.increment()
             warnings.warn(f"skipping unreadable image {path}: {type(exc).__name__}: {exc}", stacklevel=1)
             return None
-        return self._output(image, target, index)
 
 
 class ArrayDataset(_AugmentedDataset):
@@ -198,8 +254,11 @@ class ArrayDataset(_AugmentedDataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple:
-        return self._output(self.images[index], int(self.targets[index]), index)
+    def _target(self, index: int) -> int:
+        return self.targets[index]
+
+    def _load(self, index: int) -> np.ndarray:
+        return self.images[index]
 
 
 def collate_skip_none(batch: list) -> Any:
@@ -209,18 +268,57 @@ def collate_skip_none(batch: list) -> Any:
     return default_collate(batch) if batch else None
 
 
-def seed_worker(worker_id: int, rank: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: give each worker (and each distributed rank) its own augmentation stream.
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from integer ``keys`` (any sign) by ``numpy.random.SeedSequence``: unlike ``seed +
+    epoch``, (seed 0, epoch 1) and (seed 1, epoch 0) get unrelated streams."""
+    return int(np.random.SeedSequence([k % 2**64 for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class EpochSampler(DistributedSampler):
+    """Training sampler whose order and augmentations are a function of ``(seed, epoch)`` alone.
+
+    Each epoch it shuffles the indices with a generator seeded from ``(seed, epoch)`` (the same on every rank, which
+    then takes its ``rank::num_replicas`` share, padded like ``DistributedSampler``) and yields ``(index,
+    augmentation seed)`` pairs; the datasets of this package reseed their pipeline from the second item. A run
+    that sets the same epoch therefore replays that epoch's batches bit for bit — after a resume, with any number
+    of DataLoader workers (and each sample's augmentation does not depend on the number of ranks either).
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch (``epoch_progress``, also after a resume), and
+    being a ``DistributedSampler`` it is kept as is under DDP instead of being wrapped.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0, epoch: int = 0, num_replicas: int = 1, rank: int = 0,
+                 shuffle: bool = True) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        n = len(self.dataset)
+        rng = np.random.default_rng(derive_seed(self.seed, self.epoch))
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        aug_seeds = rng.integers(0, 2**63, size=n, dtype=np.int64)  # keyed by dataset index
+        if self.total_size > n:  # pad with the first indices so every rank gets num_samples (DistributedSampler)
+            order = np.resize(order, self.total_size)
+        order = order[self.rank:self.total_size:self.num_replicas]
+        return zip(order.tolist(), aug_seeds[order].tolist(), strict=True)
+
+
+def seed_worker(worker_id: int, rank: int = 0, sampler: Any = None) -> None:
+    """DataLoader ``worker_init_fn``: give each worker (and each distributed rank) its own random streams.
 
     Forked workers inherit identical copies of the albumentations generators (and of numpy's / Python's global
-    state), so without this every worker would apply the same augmentation sequence. ``info.seed`` differs per
-    worker and per epoch (unless workers persist) and follows ``torch.manual_seed`` in the main process; the rank
-    is mixed in because every rank usually seeds identically.
+    state), so without this every worker would apply the same augmentation sequence. With a ``sampler`` that has
+    ``seed`` and ``epoch`` (:class:`EpochSampler`) the streams derive from (seed, epoch at worker start, rank,
+    worker id), else from ``info.seed`` (per worker and per epoch, following ``torch.manual_seed`` in the main
+    process) and the rank, which is mixed in because every rank usually seeds identically.
     """
     info = get_worker_info()
     if info is None:
         return
-    seed = int(np.random.SeedSequence([info.seed, rank]).generate_state(1, dtype=np.uint64)[0])
+    if hasattr(sampler, "seed") and hasattr(sampler, "epoch"):
+        seed = derive_seed(sampler.seed, sampler.epoch, rank, worker_id)
+    else:
+        seed = derive_seed(info.seed, rank)
     np.random.seed(seed % 2**32)
     random.seed(seed)
     torch.manual_seed(seed)
