@@ -309,7 +309,7 @@ def test_pretrained_weights_file(tmp_path):
     torch.testing.assert_close(same.model.state_dict()["head.weight"], src["head.weight"])
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         make_module(pretrained=str(tmp_path / "missing.safetensors"))
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="depth: weights 1, model 2"):
         make_module(num_classes=10, pretrained=str(tmp_path / "w.safetensors"),
                     model_kwargs={**TINY, "depth": 2})
 
@@ -323,3 +323,17 @@ def test_last_checkpoint_is_the_final_state_without_improvement(tmp_path, imagef
     trainer.fit(make_module(lr=1e-12), datamodule=make_data(imagefolder))
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 6
     assert Path(cb.best_model_path).name.startswith("epoch=0")
+
+
+def test_every_classifier_argument_has_its_own_cli_help():
+    """jsonargparse reads one `name: text` line per argument; a line naming several gives none of them help."""
+    import inspect
+
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(ImageClassifier, "model")
+    helps = {a.dest: a.help for a in parser._actions if a.dest.startswith("model.")}
+    for name in inspect.signature(ImageClassifier.__init__).parameters:
+        if name != "self":
+            assert helps.get(f"model.{name}"), name

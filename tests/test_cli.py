@@ -7,12 +7,12 @@ import csv
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
+import tokenformer_vision
 from tokenformer_vision import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,8 @@ def test_fit_resume_validate_test_predict(tmp_path, imagefolder):
            "--model.ema_decay", "0.9", "--model.mixup", "0.8", "--model.cutmix", "1.0", "--model.warmup_steps", "2"]
     run_cli([*fit, "--trainer.max_epochs", "2"], tmp_path)
 
-    run0 = tmp_path / "runs" / "lightning_logs" / "version_0"
+    run_dir = tmp_path / "runs" / f"tokenformer_tiny-imagefolder-{imagefolder.name}"  # named by model and data
+    run0 = run_dir / "version_0"
     rows = read_csv(run0 / "metrics.csv")
     assert {"val/acc1", "val/acc5", "val/loss", "train/loss", "lr/decay"} <= set(rows[0])
     assert sum(1 for r in rows if r["val/acc1"]) == 2
@@ -58,7 +59,7 @@ def test_fit_resume_validate_test_predict(tmp_path, imagefolder):
     # resume: `--ckpt_path last` finds version_0's last.ckpt although this run logs to version_1
     resumed = run_cli([*fit, "--trainer.max_epochs", "3", "--ckpt_path", "last"], tmp_path)
     assert "ckpt_path=last" in resumed.stderr
-    run1 = tmp_path / "runs" / "lightning_logs" / "version_1"
+    run1 = run_dir / "version_1"
     steps = [int(r["step"]) for r in read_csv(run1 / "metrics.csv")]
     assert min(steps) >= 6 and max(steps) == 8
     # checkpoints stay with the resumed run, so its best score carries over (a worse epoch cannot become best)
@@ -108,23 +109,48 @@ def test_configs_parse(capsys):
         assert needle in printed, needle
 
 
-def test_export_dispatch(monkeypatch):
-    calls = []
-    fake = types.ModuleType("tokenformer_vision.export")
-    fake.main = calls.append
-    monkeypatch.setitem(sys.modules, "tokenformer_vision.export", fake)
-    cli.main(["export", "--ckpt", "x.ckpt", "--out", "y"])
-    assert calls == [["--ckpt", "x.ckpt", "--out", "y"]]
+def test_version_help_and_tool_subcommands(capsys):
+    cli.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"tokenformer-vision {tokenformer_vision.__version__}"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "export" in capsys.readouterr().out
+    for tool in ("export", "grow"):
+        with pytest.raises(SystemExit):
+            cli.main([tool, "--help"])
+        assert "--ckpt_path" in capsys.readouterr().out
 
 
-def test_export_missing_says_so(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tokenformer_vision.export", None)  # import raises ModuleNotFoundError
-    with pytest.raises(SystemExit, match="tokenformer_vision.export is not available"):
-        cli.main(["export"])
+def test_user_mistakes_get_one_line_errors(tmp_path, monkeypatch, imagefolder):
+    monkeypatch.chdir(tmp_path)
+    data = ["--data", "ImageFolderDataModule", "--data.root", str(imagefolder)]
+    with pytest.raises(SystemExit, match="model.num_classes is set from the data"):
+        cli.main(["fit", *MODEL_ARGS, *data, "--model.num_classes", "5"])
+    with pytest.raises(SystemExit, match="error: .*'tokenformer_tinyy'"):
+        cli.main(["fit", *MODEL_ARGS, *data, "--model.model_name", "tokenformer_tinyy"])
+    with pytest.raises(SystemExit, match="error: .*nowhere does not exist"):
+        cli.main(["fit", *MODEL_ARGS, "--data", "ImageFolderDataModule", "--data.root", str(tmp_path / "nowhere")])
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("version_*"))
+    with pytest.raises(SystemExit):  # LightningCLI's automatic optimizer is not offered: it drops the recipe
+        cli.main(["fit", *MODEL_ARGS, *data, "--optimizer", "SGD"])
+
+
+def test_model_arguments_that_differ_from_the_checkpoint_are_refused(tmp_path, monkeypatch, imagefolder):
+    from tokenformer_vision import ImageClassifier
+
+    monkeypatch.chdir(tmp_path)
+    module = ImageClassifier("tokenformer_tiny", num_classes=3, img_size=32,
+                             model_kwargs={"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2})
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
+    data = ["--data", "ImageFolderDataModule", "--data.root", str(imagefolder)]
+    for arg, value in (("model_name", "tokenformer_small"), ("img_size", "96")):
+        with pytest.raises(SystemExit, match=f"--model.{arg} .*differ"):
+            cli.main(["validate", *MODEL_ARGS, *data, f"--model.{arg}", value, "--ckpt_path", str(ckpt)])
 
 
 def test_best_without_earlier_run_is_an_error(tmp_path, monkeypatch, imagefolder):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no earlier run"):
+    with pytest.raises(SystemExit, match="no earlier run"):
         cli.main(["validate", *MODEL_ARGS, "--data", "ImageFolderDataModule", "--data.root", str(imagefolder),
                   "--ckpt_path", "best"])

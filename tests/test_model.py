@@ -1,11 +1,14 @@
-"""The TokenFormer ViT backbone: presets, timm integration, exact growth, loading grown weights, bad input."""
+"""The TokenFormer ViT backbone: presets, timm integration, exact growth, loading grown, old-layout and foreign
+weights, bad input."""
 
 import pytest
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 import tokenformer_vision  # noqa: F401  (registers the models)
-from tokenformer_vision import Pattention, TokenFormerViT, token_counts_from_state_dict
+from tokenformer_vision import Pattention, TokenFormerViT, checkpoint_filter_fn
+from tokenformer_vision.checkpoint import token_counts
 
 PRESETS = {
     # name: (d, depth, heads, n_attn, n_ffn)
@@ -23,6 +26,12 @@ def small_model(**kwargs) -> TokenFormerViT:
     return timm.create_model("tokenformer_tiny", **{**args, **kwargs})
 
 
+def test_is_a_timm_vision_transformer():
+    assert issubclass(TokenFormerViT, VisionTransformer)
+    model = small_model()
+    assert isinstance(model, VisionTransformer) and type(model) is TokenFormerViT
+
+
 def test_models_are_registered():
     assert timm.list_models("tokenformer*") == sorted(PRESETS)
     assert timm.list_pretrained("tokenformer*") == []  # no public weights exist: no entry pretends otherwise
@@ -36,6 +45,7 @@ def test_preset_parameter_counts_match_design_formula(name):
     d, depth, heads, n_attn, n_ffn = PRESETS[name]
     model = timm.create_model(name, device="meta")
     assert (model.embed_dim, len(model.blocks), model.attn_tokens, model.ffn_tokens) == (d, depth, n_attn, n_ffn)
+    assert model.token_counts == {"attn_tokens": n_attn, "ffn_tokens": n_ffn}
     assert model.blocks[0].attn.num_heads == heads
     per_block = 4 * n_attn * (d + d) + n_ffn * (d + d)
     assert per_block == 16 * d * n_attn  # DESIGN §2: 16·d·n_attn when n_ffn = 4·n_attn
@@ -57,11 +67,14 @@ def test_parameter_matched_base_equals_vit_base():
 def test_every_projection_is_pattention():
     model = small_model()
     block = model.blocks[0]
-    for layer in (block.attn.q, block.attn.k, block.attn.v, block.attn.proj, block.mlp):
+    for layer in (block.attn.q, block.attn.k, block.attn.v, block.attn.proj, block.ffn):
         assert isinstance(layer, Pattention)
     assert not any(isinstance(m, torch.nn.Linear) for m in model.blocks.modules())
     assert block.norm1.weight is None and block.norm2.weight is None  # no affine inside blocks
     assert model.norm.weight is not None  # final norm is a normal LayerNorm
+    assert not hasattr(block, "mlp")
+    assert any(k.startswith("blocks.0.ffn.") for k in model.state_dict())
+    assert not any(".mlp." in k for k in model.state_dict())
 
 
 def test_create_model_kwargs_and_forward_shapes():
@@ -100,6 +113,8 @@ def _logits_before_after_growth(dtype, **kwargs):
 def test_whole_model_growth_is_exact(dtype, tol):
     model, before, after = _logits_before_after_growth(dtype)
     assert (model.attn_tokens, model.ffn_tokens) == (256, 1024)
+    assert model.token_counts == {"attn_tokens": 256, "ffn_tokens": 1024}
+    assert all(b.attn.proj.num_tokens == 256 and b.ffn.num_tokens == 1024 for b in model.blocks)
     assert (after - before).abs().max().item() <= tol
 
 
@@ -118,7 +133,7 @@ def test_new_tokens_receive_gradients_after_model_growth():
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    for layer in (model.blocks[1].attn.q, model.blocks[1].mlp):
+    for layer in (model.blocks[1].attn.q, model.blocks[1].ffn):
         n_old = 192 if layer is model.blocks[1].attn.q else 768
         assert layer.key_param.grad[n_old:].abs().sum() > 0
         assert layer.value_param.grad[n_old:].abs().sum() > 0
@@ -130,15 +145,32 @@ def test_grow_rejects_shrinking():
         model.grow(attn_tokens=100)
     with pytest.raises(ValueError, match="ffn_tokens cannot shrink"):
         model.grow(ffn_tokens=10)
+    with pytest.raises(ValueError, match="ffn_tokens cannot shrink"):
+        model.grow(ffn_tokens=800.0)
+    assert model.token_counts == {"attn_tokens": 192, "ffn_tokens": 768}  # a refused growth changes nothing
+
+
+def test_grow_replaces_parameters_and_generator_makes_it_reproducible():
+    a, b = small_model(), small_model()
+    old = a.blocks[0].ffn.key_param
+    a.grow(attn_tokens=200, ffn_tokens=800, generator=torch.Generator().manual_seed(3))
+    b.grow(attn_tokens=200, ffn_tokens=800, generator=torch.Generator().manual_seed(3))
+    assert a.blocks[0].ffn.key_param is not old
+    assert old.shape == (768, 192)  # the old parameter object is left as it was
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    names = {n for n, _ in a.named_parameters()}
+    assert names == {n for n, _ in small_model().named_parameters()}
 
 
 def test_token_counts_recoverable_and_grown_weights_load_into_preset(tmp_path):
     model = small_model().eval()
     model.grow(attn_tokens=200, ffn_tokens=800)
     state = model.state_dict()
-    assert token_counts_from_state_dict(state) == {"attn_tokens": 200, "ffn_tokens": 800}
+    assert token_counts(state) == {"attn_tokens": 200, "ffn_tokens": 800}
     lightning_style = {f"model.{k}": v for k, v in state.items()}
-    assert token_counts_from_state_dict(lightning_style) == {"attn_tokens": 200, "ffn_tokens": 800}
+    assert token_counts(lightning_style) == {"attn_tokens": 200, "ffn_tokens": 800}
+    assert token_counts({k: v for k, v in state.items() if not k.startswith("blocks.")}) is None
+    assert token_counts(timm.create_model("vit_tiny_patch16_224", device="meta").state_dict()) is None
 
     path = tmp_path / "grown.pth"
     torch.save(state, path)
@@ -153,9 +185,35 @@ def test_token_counts_recoverable_and_grown_weights_load_into_preset(tmp_path):
 def test_loading_fewer_tokens_than_model_is_a_clear_error(tmp_path):
     path = tmp_path / "small.pth"
     torch.save(small_model().state_dict(), path)
-    with pytest.raises(ValueError, match="fewer parameter tokens.*attn_tokens: model 256, checkpoint 192"):
+    with pytest.raises(ValueError, match="fewer parameter tokens.*attn_tokens: model 256, weights 192"):
         timm.create_model("tokenformer_tiny", img_size=32, patch_size=8, depth=3, num_classes=5, attn_tokens=256,
                           pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_first_release_mlp_keys_are_renamed_on_load(tmp_path):
+    model = small_model().eval()
+    model.grow(ffn_tokens=800)
+    old_layout = {k.replace(".ffn.", ".mlp."): v for k, v in model.state_dict().items()}
+    assert sum(".mlp." in k for k in old_layout) == 3 * 3  # key_param, value_param and τ of 3 blocks
+    filtered = checkpoint_filter_fn(old_layout, small_model())
+    assert not any(".mlp." in k for k in filtered)
+    assert filtered.keys() == model.state_dict().keys()
+    path = tmp_path / "old.pth"
+    torch.save(old_layout, path)
+    loaded = timm.create_model("tokenformer_tiny", img_size=32, patch_size=8, depth=3, num_classes=5,
+                               pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=5)).eval()
+    assert loaded.ffn_tokens == 800
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("other,match", [(dict(depth=4), "depth: weights 3, model 4"),
+                                         (dict(embed_dim=96), "embed_dim: weights 192, model 96")])
+def test_weights_of_another_width_or_depth_are_a_clear_error(other, match):
+    state = small_model().state_dict()
+    with pytest.raises(ValueError, match=match):
+        checkpoint_filter_fn(state, small_model(**other))
 
 
 def test_pos_embed_resampled_on_load(tmp_path):
@@ -223,17 +281,36 @@ def test_meta_and_dtype_construction():
     assert double(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
 
 
+def test_global_pool_avg_follows_timm():
+    model = small_model(global_pool="avg").eval()
+    assert isinstance(model.norm, torch.nn.Identity) and isinstance(model.fc_norm, torch.nn.LayerNorm)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        want = model.head(model.fc_norm(feats[:, model.num_prefix_tokens:].mean(1)))  # norm after pooling
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+        vit = VisionTransformer(img_size=32, patch_size=8, depth=3, embed_dim=192, num_heads=3, num_classes=5,
+                                global_pool="avg")
+        assert type(vit.norm) is type(model.norm) and type(vit.fc_norm) is type(model.fc_norm)
+
+
 def test_bad_input_errors_name_the_problem():
+    """Bad inputs get timm's own errors (PatchEmbed's size checks, the conv's channel check)."""
     model = small_model()
-    with pytest.raises(ValueError, match="expected 3 input channels, got 1"):
+    with pytest.raises(RuntimeError, match="to have 3 channels, but got 1 channels"):
         model(torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match=r"input size \(40, 32\) does not match.*\(32, 32\)"):
+    with pytest.raises(AssertionError, match=r"Input height \(40\) doesn't match model \(32\)"):
         model(torch.randn(1, 3, 40, 32))
-    with pytest.raises(ValueError, match=r"batch of images"):
+    with pytest.raises(AssertionError, match=r"Input width \(17\) doesn't match model \(32\)"):
+        model(torch.randn(1, 3, 32, 17))
+    with pytest.raises(ValueError, match="expected 4, got 3"):  # an unbatched image
         model(torch.randn(3, 32, 32))
     dynamic = small_model(dynamic_img_size=True)
-    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+    with pytest.raises(AssertionError, match=r"Input height \(33\) should be divisible by patch size \(8\)"):
         dynamic(torch.randn(1, 3, 33, 32))
+    embedded = small_model(pattention_embed=True)
+    with pytest.raises(ValueError, match="expected 3 input channels, got 1"):
+        embedded(torch.randn(1, 1, 32, 32))
     with pytest.raises(TypeError):
         timm.create_model("tokenformer_tiny", not_a_real_kwarg=1)
     with pytest.raises(ValueError, match="divisible"):

@@ -1,26 +1,23 @@
-"""Token-selective routing: equivalences with the unrouted model, hard skipping vs a slow per-image reference,
-gradients, growth, features_only, grad checkpointing, exact TLOps accounting, the Lightning callback."""
+"""Token routing: equivalences with the unrouted model, the hard (gathered) path vs the training path and vs a slow
+per-image reference, threshold and capacity routing, gradients and the routing loss, growth, checkpoints,
+features_only, grad checkpointing, torch.compile, exact TLOps accounting and its logging by ImageClassifier."""
 
 import copy
 import math
+from functools import partial
 
 import lightning as L
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 import tokenformer_vision  # noqa: F401  (registers the models)
 from tokenformer_vision import TokenFormerViT, checkpoint_filter_fn
-from tokenformer_vision.routing import (
-    RoutingMetricsCallback,
-    hard_routed_block,
-    soft_routed_block,
-    tlops_fraction,
-    tlops_saving,
-)
+from tokenformer_vision.routing import RoutingStats, check_fraction, tlops_fraction, tlops_saving
 
 KW = dict(img_size=32, patch_size=8, depth=4, num_classes=5)  # 16 patches + cls = 17 tokens, d 192
+N = 17
 
 
 def make(seed: int = 0, **kwargs) -> TokenFormerViT:
@@ -29,10 +26,10 @@ def make(seed: int = 0, **kwargs) -> TokenFormerViT:
 
 
 def routed_copy(base: TokenFormerViT, **kwargs) -> TokenFormerViT:
-    """A routed model with ``base``'s weights (the gates keep their own init)."""
+    """A routed model with ``base``'s weights (the routers keep their own init)."""
     model = make(seed=1, token_routing=True, **kwargs)
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-    assert not unexpected and all(".router." in k for k in missing)
+    assert not unexpected and missing and all(".router." in k for k in missing)
     return model
 
 
@@ -47,180 +44,335 @@ def set_gates(model: TokenFormerViT, bias: float, weight_scale: float = 0.0) -> 
             block.router.fc2.bias.fill_(bias)
 
 
+def varied_gates(model: TokenFormerViT) -> None:
+    """Routers whose keep probabilities vary strongly over tokens and blocks."""
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks[1:]):
+            block.router.fc2.weight.mul_(40.0)
+            block.router.fc2.bias.fill_(0.3 * i - 0.3)
+
+
+def embed(model: TokenFormerViT, x: torch.Tensor) -> torch.Tensor:
+    """timm's forward_features up to the blocks."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+
+def slow_reference(model: TokenFormerViT, x: torch.Tensor, choose) -> torch.Tensor:
+    """The routed forward one image at a time: each routed block runs ``forward_gated`` on the chosen tokens alone
+    (boolean indexing, no padding, no mask). ``choose(block, logits [N]) -> bool [N]``."""
+    p = model.num_prefix_tokens
+    out = []
+    for img in x:
+        t = embed(model, img[None])[0]
+        for block in model.blocks:
+            if block.router is None:
+                t = block(t[None])[0]
+                continue
+            logits = block.router(t).squeeze(-1).float()
+            logits[:p] = float("inf")
+            chosen = choose(block, logits)
+            t = t.clone()
+            t[chosen] = block.forward_gated(t[chosen][None])[0]
+        out.append(model.forward_head(model.norm(t[None])))
+    return torch.cat(out)
+
+
+def by_threshold(block, logits):
+    return torch.sigmoid(logits) >= 1.0 - block.routing.threshold
+
+
+def by_capacity(block, logits):
+    p = block.routing.num_prefix_tokens
+    k = p + math.ceil(block.routing.capacity * (len(logits) - p))
+    chosen = torch.zeros(len(logits), dtype=torch.bool)
+    chosen[logits.topk(k).indices] = True
+    return chosen
+
+
+class FixedRouter(nn.Module):
+    """A router that returns given keep logits ``[B, N]``."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.to(x.dtype).unsqueeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------- structure
 def test_routing_off_adds_nothing():
     plain, off = make(), make(token_routing=False)
     assert plain.state_dict().keys() == off.state_dict().keys()
     assert all(block.router is None for block in off.blocks)
     x = images()
     assert torch.equal(plain(x), off(x))
+    assert plain.routing_stats(strict=False) is None
+    assert float(plain.routing_loss()) == 0.0
 
 
-def test_parameter_overhead_is_the_gates_only():
+def test_parameter_overhead_is_the_routers_only():
     plain, routed = make(), make(token_routing=True)
     d, hidden = 192, 48
-    per_gate = d * hidden + hidden + hidden + 1
+    per_router = d * hidden + hidden + hidden + 1  # timm Mlp: fc1 d -> d/4, fc2 d/4 -> 1 (the keep logit)
     extra = sum(p.numel() for p in routed.parameters()) - sum(p.numel() for p in plain.parameters())
-    assert extra == (KW["depth"] - 1) * per_gate  # block 0 has no gate
+    assert extra == (KW["depth"] - 1) * per_router  # block 0 has no router
     assert routed.blocks[0].router is None and all(b.router is not None for b in routed.blocks[1:])
-    assert all(float(b.router.fc2.bias.detach()) == -1.0 for b in routed.blocks[1:])
+    assert all(isinstance(b.router, timm.layers.Mlp) for b in routed.blocks[1:])
+    assert all(float(b.router.fc2.bias.detach()) == 1.0 for b in routed.blocks[1:])  # keep probability ≈ 0.73
+    assert all(k.startswith(tuple(f"blocks.{i}.router.fc" for i in range(1, 4)))
+               for k in set(routed.state_dict()) - set(plain.state_dict()))
 
 
+# ---------------------------------------------------------------------------------- equal to the unrouted model
 def test_gates_forced_open_match_the_unrouted_model():
     base = make().eval()
     routed = routed_copy(base).eval()
-    set_gates(routed, bias=-1e4)  # p = 0 exactly: keep-gate 1, nothing skipped
+    set_gates(routed, bias=1e4)  # k = 1 exactly: nothing skipped
     x = images()
-    assert torch.equal(routed(x), base(x))  # eval: bit-identical
+    assert torch.equal(routed(x), base(x))  # eval: the gathered path runs every token, bit-identical
     routed.train(), base.train()
-    with torch.no_grad():
-        assert torch.equal(routed(x), base(x))
-    # with autograd on, the differentiable key bias runs PyTorch's math attention kernel: equal to round-off
+    # training: the same block on every token, an all-zero attention mask and a gate of exactly 1
     torch.testing.assert_close(routed(x), base(x), rtol=0, atol=2e-6)
     assert routed.routing_stats().tlops == 1.0
 
 
-def slow_reference(model: TokenFormerViT, x: torch.Tensor) -> torch.Tensor:
-    """Eval-mode routed forward, one image at a time, kept tokens selected by boolean indexing (no padding)."""
-    out = []
-    for img in x:
-        t = model._embed(img[None])[0]
-        for block in model.blocks:
-            if block.router is None:
-                t = block(t[None])[0]
-                continue
-            z = block.router(t)
-            p = torch.sigmoid(z)
-            keep = 1 - p
-            keep[0] = 1.0
-            kept = p <= block.routing_threshold
-            kept[0] = True
-            s = t[kept]
-            g = keep[kept].unsqueeze(-1)
-            a = block.attn
-            h = block.norm1(s)
-            q, k, v = (y.view(len(s), a.num_heads, -1).transpose(0, 1) for y in (a.q(h), a.k(h), a.v(h)))
-            logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + torch.log(keep[kept])
-            att = (logits.softmax(-1) @ v).transpose(0, 1).reshape(len(s), -1)
-            s = s + g * a.proj(att)
-            s = s + g * block.mlp(block.norm2(s))
-            t = t.clone()
-            t[kept] = s
-        out.append(model.forward_head(model.norm(t[None])))
-    return torch.cat(out)
+@pytest.mark.parametrize("train", [False, True])
+def test_threshold_one_skips_nothing(train):
+    base = make().train(train)
+    routed = routed_copy(base, routing_threshold=1.0).train(train)
+    set_gates(routed, bias=-1e4)  # k = 0: processed anyway, since k ≥ 1 − 1 always holds
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(routed(x), base(x), rtol=0, atol=2e-6)
+    assert routed.routing_stats().tlops == 1.0
 
 
-def test_hard_skipping_matches_a_slow_per_image_reference():
+@pytest.mark.parametrize("train", [False, True])
+def test_capacity_one_is_exactly_the_unrouted_model(train):
+    base = make().train(train)
+    routed = routed_copy(base, routing_capacity=1.0).train(train)
+    varied_gates(routed)
+    x = images()
+    assert torch.equal(routed(x), base(x))
+    assert routed.routing_stats().tlops == 1.0
+
+
+# ----------------------------------------------------------------------------------------- the hard path
+def test_eval_gathered_block_equals_training_masked_block_with_the_same_decisions():
+    model = make(token_routing=True)
+    block = model.blocks[2]
+    x = torch.randn(3, N, 192, generator=torch.Generator().manual_seed(3))
+    logits = torch.randn(3, N, generator=torch.Generator().manual_seed(4)) * 3
+    logits[1] = 5.0  # one image keeps everything, another only its cls token: padding differs per image
+    logits[2, 1:] = -5.0
+    block.router = FixedRouter(logits)
+    with torch.no_grad():
+        hard = block.eval()(x)
+        processed = block.last_processed.clone()
+        masked = block.train()(x)
+    assert torch.equal(block.last_processed, processed)
+    want = torch.sigmoid(logits) >= 0.5
+    want[:, 0] = True  # the cls token is always processed
+    assert torch.equal(processed, want)
+    assert 1 < int(processed[0].sum()) < N and int(processed[2].sum()) == 1
+    torch.testing.assert_close(hard, masked, rtol=1e-5, atol=1e-5)
+    for out in (hard, masked):
+        assert torch.equal(out[~processed], x[~processed])  # skipped tokens pass through bit-exactly
+        assert not torch.allclose(out[processed], x[processed])
+    with torch.no_grad():  # the processed tokens of image 0 alone, no padding
+        alone = block.forward_gated(x[0, processed[0]][None])[0]
+    torch.testing.assert_close(hard[0, processed[0]], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_model_eval_equals_train_mode_with_the_same_decisions():
+    model = make(token_routing=True)
+    varied_gates(model)
+    model.routing_threshold = 0.45
+    x = images(4)
+    with torch.no_grad():
+        hard = model.eval()(x)
+        decisions = [b.last_processed.clone() for b in model.blocks[1:]]
+        train = model.train()(x)
+    assert all(torch.equal(a, b.last_processed) for a, b in zip(decisions, model.blocks[1:], strict=True))
+    assert any((~d).any() for d in decisions), "the construction must skip some tokens"
+    torch.testing.assert_close(hard, train, rtol=1e-5, atol=1e-5)
+
+
+def test_an_images_routing_does_not_depend_on_its_batch():
+    """Images that process every token share a batch with images that skip some (the padded length is N)."""
     model = make(token_routing=True).eval()
     with torch.no_grad():
-        for i, block in enumerate(model.blocks[1:]):  # gates that actually vary over tokens
+        for block in model.blocks[1:]:
             block.router.fc2.weight.mul_(40.0)
-            block.router.fc2.bias.fill_(0.3 * i - 0.3)
+    x = images(6)
+    with torch.no_grad():
+        batched = model(x)
+        stats = model.routing_stats()
+        singles, single_stats = [], []
+        for img in x.split(1):
+            singles.append(model(img))
+            single_stats.append(model.routing_stats().processed)
+    processed = torch.cat(single_stats, 1)
+    assert ((processed[1:] == N).any(1) & (processed[1:] < N).any(1)).any(), "the construction needs such a block"
+    assert torch.equal(stats.processed, processed)
+    torch.testing.assert_close(batched, torch.cat(singles), rtol=1e-5, atol=1e-5)
+
+
+def test_threshold_routing_matches_a_slow_per_image_reference():
+    model = make(token_routing=True).eval()
+    varied_gates(model)
     model.routing_threshold = 0.45
     x = images(4)
     with torch.no_grad():
         got = model(x)
         stats = model.routing_stats()
-        want = slow_reference(model, x)
+        want = slow_reference(model, x, by_threshold)
     per_image = stats.processed[1:]
     assert (per_image < stats.tokens).any(), "the construction must skip some tokens"
     assert len(set(per_image.flatten().tolist())) > 1, "images must keep different numbers of tokens"
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_hard_skipping_equals_soft_path_with_binary_gates():
-    model = make(token_routing=True).eval()
-    block = model.blocks[2]
-    x = torch.randn(3, 17, 192, generator=torch.Generator().manual_seed(3))
-    processed = torch.rand(3, 17, generator=torch.Generator().manual_seed(4)) < 0.5
-    processed[:, 0] = True
-    processed[1] = True  # one image keeps everything, another almost nothing: padding differs per image
-    processed[2, 1:] = False
-    keep = processed.float()
+@pytest.mark.parametrize("train", [False, True])
+def test_capacity_half_processes_half_the_patches_and_matches_a_slow_reference(train):
+    model = make(token_routing=True, routing_capacity=0.5).train(train)
+    varied_gates(model)
+    x = images(3)
     with torch.no_grad():
-        soft = soft_routed_block(block, x, keep, torch.log(keep))
-        hard = hard_routed_block(block, x, keep, torch.log(keep), processed)
-    torch.testing.assert_close(hard, soft, rtol=1e-5, atol=1e-5)
-    assert torch.equal(hard[~processed], x[~processed])  # skipped tokens pass through bit-exactly
-    assert not torch.allclose(hard[processed], x[processed])
-
-
-def test_threshold_one_skips_nothing_and_hard_equals_soft():
-    model = make(token_routing=True, routing_threshold=1.0)
-    x = images()
+        got = model(x)
+        want = slow_reference(model, x, by_capacity)
+    stats = model.routing_stats()
+    assert stats.processed.tolist() == [[N] * 3] + [[1 + 8] * 3] * 3  # cls + ceil(0.5 · 16) per routed block
+    assert stats.tlops == pytest.approx((1 + 3 * 9 / N) / 4, abs=1e-12)
+    assert all(bool(b.last_processed[:, 0].all()) for b in model.blocks[1:])  # the cls token always runs
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    model.routing.capacity = 0.3  # the setting is shared by every block: ceil(0.3 · 16) = 5
     with torch.no_grad():
-        soft = model.train()(x)
-        hard = model.eval()(x)
-    torch.testing.assert_close(hard, soft, rtol=1e-5, atol=1e-5)
-    assert model.routing_stats().tlops == 1.0
+        model(x)
+    assert model.routing_stats().processed[1:].unique().tolist() == [6]
 
 
-def test_gates_receive_gradients_and_penalty():
+# ---------------------------------------------------------------------------------------------- gradients
+def test_routers_receive_gradients_and_penalty():
     model = make(token_routing=True, routing_loss_weight=0.5).train()
     out = model(images())
     penalty = model.routing_loss()
-    keeps = torch.stack([b.last_keep[:, 1:].mean() for b in model.blocks[1:]]).mean()
-    assert torch.allclose(penalty, 0.5 * keeps)
+    fractions = torch.stack([b.last_processed[:, 1:].double().mean() for b in model.blocks[1:]])
+    assert float(penalty.detach()) == pytest.approx(0.5 * float(fractions.mean()), abs=1e-6)  # hard fraction
+    assert float(penalty.detach()) > 0
     (out.square().mean() + penalty).backward()
     for block in model.blocks[1:]:
         for p in block.router.parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0
     model.zero_grad()
     model(images())
-    model.routing_loss().backward()  # the penalty alone pushes the gates towards halting
-    # d mean(1 − p)/dz = −p(1 − p) < 0: descending the penalty raises the halting bias
-    assert all(float(b.router.fc2.bias.grad) < 0 for b in model.blocks[1:])
-    copy.deepcopy(model)  # EMA copies: the recorded gates (with their graph) are not module state
-    model.routing_loss_weight = 0.0
+    model.routing_loss().backward()  # the penalty alone pushes the keep probabilities down
+    # d k/d logit = k(1 − k) > 0: descending the penalty lowers the keep bias
+    assert all(float(b.router.fc2.bias.grad) > 0 for b in model.blocks[1:])
+    copy.deepcopy(model)  # EMA copies: the recorded keep probabilities (with their graph) are not module state
+    model.routing.loss_weight = 0.0
     model(images())
     assert float(model.routing_loss().detach()) == 0.0
 
 
+def test_task_gradient_reaches_the_router_through_skipped_tokens():
+    """Straight-through: a router whose tokens are all skipped still learns from the task loss (average pooling:
+    the patch tokens reach the logits directly, as skipped keys they reach no other token)."""
+    model = make(token_routing=True, global_pool="avg").train()
+    set_gates(model, bias=-5.0)  # k ≈ 0.007: every patch token skips every routed block
+    out = model(images())
+    assert model.routing_stats().processed[1:].unique().tolist() == [1]
+    out.square().mean().backward()
+    for block in model.blocks[1:]:
+        assert block.router.fc2.bias.grad is not None and float(block.router.fc2.bias.grad.abs()) > 0
+
+
+def test_routing_target_pulls_towards_the_target_fraction():
+    model = make(token_routing=True, routing_target=0.6).train()
+    assert model.routing.loss_weight == 2.0  # the default λ with a target
+    alpha = (4 * 0.6 - 1) / 3  # per routed block: 4 blocks, block 0 always runs
+    for bias, sign in ((1.0, 1.0), (-5.0, -1.0)):  # everything processed (above target), nothing (below)
+        set_gates(model, bias=bias, weight_scale=1.0)
+        model.zero_grad()
+        model(images())
+        loss = model.routing_loss()
+        fractions = [float(b.last_processed[:, 1:].double().mean()) for b in model.blocks[1:]]
+        assert fractions == [1.0] * 3 if sign > 0 else fractions == [0.0] * 3
+        assert float(loss) == pytest.approx(2.0 * sum((f - alpha) ** 2 for f in fractions) / 3, abs=1e-6)
+        loss.backward()
+        for block in model.blocks[1:]:  # descending moves the keep bias towards the target
+            assert sign * float(block.router.fc2.bias.grad) > 0
+
+
+# -------------------------------------------------------------------------------------------- accounting
 def test_tlops_accounting_is_exact_on_a_constructed_case():
     model = make(token_routing=True, depth=5).eval()
-    with torch.no_grad():  # constant gates: p = sigmoid(bias) for every token of a block
-        for block, bias in zip(model.blocks[1:], (-2.0, 2.0, -2.0, 0.0), strict=True):
+    with torch.no_grad():  # constant routers: k = sigmoid(bias) for every token of a block
+        for block, bias in zip(model.blocks[1:], (2.0, -2.0, 2.0, 0.0), strict=True):
             block.router.fc2.weight.zero_()
             block.router.fc2.bias.fill_(bias)
-    model.routing_threshold = 0.6  # p: 0.12, 0.88 (skip), 0.12, 0.5
+    model.routing_threshold = 0.6  # processed iff k ≥ 0.4; k: 0.88, 0.12 (skip), 0.88, 0.5
     x = images(2)
     seen = {}
     model.blocks[2].register_forward_hook(lambda m, a, o: seen.update(inp=a[0], out=o))
     with torch.no_grad():
         model(x)
     stats = model.routing_stats()
-    N = 17
+    assert isinstance(stats, RoutingStats)
     assert stats.processed.tolist() == [[N, N], [N, N], [1, 1], [N, N], [N, N]]
     want_blocks = [1.0, 1.0, 1 / N, 1.0, 1.0]
     assert stats.block_fractions.tolist() == pytest.approx(want_blocks, abs=1e-12)
     assert stats.tlops == pytest.approx((4 + 1 / N) / 5, abs=1e-12)
-    alpha = (3 + 1 / N) / 4  # mean active fraction of the routed blocks
+    assert stats.per_image().tolist() == pytest.approx([stats.tlops] * 2, abs=1e-12)
+    alpha = (3 + 1 / N) / 4  # mean processed fraction of the routed blocks
     assert stats.saving == pytest.approx(tlops_saving(alpha, 5), abs=1e-12)
     assert tlops_fraction(want_blocks) == pytest.approx(stats.tlops, abs=1e-12)
     assert torch.equal(seen["out"][:, 1:], seen["inp"][:, 1:])  # the skipped block leaves patch tokens untouched
     assert model.routing_depth_map().tolist() == [[5] + [4] * 16] * 2
-    model.routing_threshold = 0.3  # now block 4 (p = 0.5) is skipped too
+    model.routing_threshold = 0.3  # processed iff k ≥ 0.7: now block 4 (k = 0.5) is skipped too
     with torch.no_grad():
         model(x)
     assert model.routing_stats().processed[:, 0].tolist() == [N, N, 1, N, 1]
+    merged = stats.merge(model.routing_stats())
+    assert merged.processed.shape == (5, 4) and merged.tlops == pytest.approx((2 * (4 + 1 / N) + 2 * (3 + 2 / N))
+                                                                               / 20, abs=1e-12)
 
 
-def test_routing_after_growth_and_checkpoint_round_trip():
-    model = make(token_routing=True, dtype=torch.float64).eval()
+def test_tlops_helpers_check_their_inputs():
+    assert check_fraction("x", 0) == 0.0 and check_fraction("x", None, allow_none=True) is None
+    for bad in (-0.1, 1.5, True, "0.5", None):
+        with pytest.raises(ValueError, match=r"x must be a number in \[0, 1\]"):
+            check_fraction("x", bad)
+    with pytest.raises(ValueError, match="at least one block"):
+        tlops_fraction([])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        tlops_fraction([0.5, 1.2])
+    with pytest.raises(ValueError, match="depth"):
+        tlops_saving(0.5, 0)
+    assert tlops_saving(1.0, 12) == 0.0 and tlops_saving(0.0, 2) == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------- growth and checkpoints
+@pytest.mark.parametrize("routing", [dict(routing_threshold=0.5), dict(routing_capacity=0.5)])
+def test_routing_after_growth_and_checkpoint_round_trip(routing):
+    model = make(token_routing=True, dtype=torch.float64, **routing).eval()
     set_gates(model, bias=0.0, weight_scale=30.0)
-    model.routing_threshold = 0.5
     x = images().double()
     with torch.no_grad():
         before = model(x)
         processed = [b.last_processed.clone() for b in model.blocks[1:]]
-    gates = {k: v.clone() for k, v in model.state_dict().items() if ".router." in k}
+    assert any((~p).any() for p in processed)
+    routers = {k: v.clone() for k, v in model.state_dict().items() if ".router." in k}
     model.grow(attn_tokens=256, ffn_tokens=1024)
     with torch.no_grad():
         after = model(x)
     assert all(torch.equal(a, b.last_processed) for a, b in zip(processed, model.blocks[1:], strict=True))
     torch.testing.assert_close(after, before, rtol=0, atol=1e-10)  # growth stays function-preserving
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in gates.items())  # gates do not grow
-    fresh = make(token_routing=True, dtype=torch.float64).eval()
-    fresh.load_state_dict(checkpoint_filter_fn({f"model.{k}": v for k, v in model.state_dict().items()}, fresh))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in routers.items())  # routers do not grow
+    fresh = make(token_routing=True, dtype=torch.float64, **routing).eval()
+    fresh.load_state_dict(checkpoint_filter_fn(model.state_dict(), fresh))
+    assert fresh.token_counts == {"attn_tokens": 256, "ffn_tokens": 1024}
     with torch.no_grad():
         assert torch.equal(fresh(x), after)
 
@@ -248,79 +400,105 @@ def test_features_only_and_forward_intermediates_route():
     assert full.routing_stats().depth == 2  # stop_early: only blocks 0 and 1 ran and are counted
 
 
-def test_grad_checkpointing_gives_the_same_outputs_and_gate_gradients():
+def test_grad_checkpointing_gives_the_same_outputs_and_router_gradients():
     x = images()
     results = []
     for ckpt in (False, True):
         model = make(token_routing=True, routing_loss_weight=0.1).train()
+        varied_gates(model)
         model.set_grad_checkpointing(ckpt)
         out = model(x)
         (out.square().mean() + model.routing_loss()).backward()
         results.append((out.detach(), [b.router.fc1.weight.grad.clone() for b in model.blocks[1:]]))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-6)
     for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert a.abs().sum() > 0
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_capacity_routing_compiles_without_graph_breaks_and_matches_eager(mode):
+    torch._dynamo.reset()
+    model = make(token_routing=True, routing_capacity=0.5, depth=3).train(mode == "training")
+    varied_gates(model)
+    x = images(2)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # a graph break is an error
+    with torch.set_grad_enabled(mode == "training"):
+        y = compiled(x)
+        stats = model.routing_stats()
+        y_ref = model(x)
+    assert torch.equal(stats.processed, model.routing_stats().processed)
+    assert stats.processed[1:].unique().tolist() == [9]
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    if mode == "training":
+        y.square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        y_ref.square().sum().backward()
+        for g, p in zip(grads, model.parameters(), strict=True):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_bad_routing_arguments_raise():
-    with pytest.raises(ValueError, match="routing_threshold"):
+    with pytest.raises(ValueError, match=r"routing_threshold must be a number in \[0, 1\]"):
         make(token_routing=True, routing_threshold=1.5)
+    with pytest.raises(ValueError, match=r"routing_capacity must be a number in \[0, 1\]"):
+        make(token_routing=True, routing_capacity=2.0)
+    with pytest.raises(ValueError, match=r"routing_target must be a number in \[0, 1\]"):
+        make(token_routing=True, routing_target=-0.5)
     with pytest.raises(ValueError, match="routing_loss_weight"):
         make(token_routing=True, routing_loss_weight=-1.0)
     model = make(token_routing=True)
-    with pytest.raises(ValueError, match="routing_threshold"):
+    with pytest.raises(ValueError, match=r"routing_threshold must be a number in \[0, 1\]"):
         model.routing_threshold = -0.1
+    assert model.routing_threshold == 0.5
+    model.routing_threshold = 0.25
+    assert model.routing_threshold == 0.25 and all(b.routing.threshold == 0.25 for b in model.blocks[1:])
+    with pytest.raises(ValueError, match="token_routing"):
+        make().routing_threshold = 0.3
     with pytest.raises(RuntimeError, match="token_routing=True"):
         make().routing_stats()
+    with pytest.raises(RuntimeError, match="token_routing=True"):
+        model.routing_stats()  # no forward yet
+    assert model.routing_stats(strict=False) is None
+    with pytest.raises(ValueError, match="attn_mask"):
+        model.blocks[1](torch.randn(1, N, 192), attn_mask=torch.ones(N, N, dtype=torch.bool))
     with pytest.raises(TypeError):
         make(token_routnig=True)
 
 
-class _TinyModule(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = make(token_routing=True, routing_loss_weight=0.01)
-        with torch.no_grad():
-            for block in self.model.blocks[1:]:
-                block.router.fc2.weight.mul_(40.0)
+# --------------------------------------------------------------------------------------------- Lightning
+def test_image_classifier_logs_exact_tlops_and_per_image_predictions():
+    from tokenformer_vision.classifier import ImageClassifier
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self.model(x), y) + self.model.routing_loss()
-
-    def validation_step(self, batch, batch_idx):
-        self.model(batch[0])
-
-    def predict_step(self, batch, batch_idx):
-        return {"logits": self.model(batch[0])}
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)  # lr 0: validation sees the gates built above
-
-
-def test_metrics_callback_logs_exact_tlops_and_fills_predictions():
     data = torch.utils.data.TensorDataset(images(6), torch.arange(6) % 5)
     loader = torch.utils.data.DataLoader(data, batch_size=4)  # batches of 4 and 2
-    module = _TinyModule()
-    callback = RoutingMetricsCallback()
+    module = ImageClassifier("tokenformer_tiny", num_classes=5, img_size=32,
+                             model_kwargs=dict(patch_size=8, depth=4, token_routing=True, routing_loss_weight=0.01),
+                             optimizer=partial(torch.optim.SGD, lr=0.0))  # lr 0: validation sees these routers
+    with torch.no_grad():
+        for block in module.model.blocks[1:]:
+            block.router.fc2.weight.mul_(40.0)
     trainer = L.Trainer(max_epochs=1, limit_train_batches=1, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[callback], num_sanity_val_steps=0)
+                        num_sanity_val_steps=0)
     trainer.fit(module, loader, loader)
     module.eval()
-    with torch.no_grad():  # reference: one forward over all 6 images
-        module.model(data.tensors[0])
-    want = module.model.routing_stats()
+    want = None
+    with torch.no_grad():  # reference: each image on its own
+        for img in data.tensors[0].split(1):
+            module.model(img)
+            want = module.model.routing_stats() if want is None else want.merge(module.model.routing_stats())
     assert 0.0 < want.tlops < 1.0
     logged = trainer.callback_metrics
     assert float(logged["val/tlops"]) == pytest.approx(want.tlops, abs=1e-6)
+    assert float(logged["val/tlops_saving"]) == pytest.approx(want.saving, abs=1e-6)
     for i, value in enumerate(want.block_fractions):
         assert float(logged[f"val/tlops_block{i}"]) == pytest.approx(float(value), abs=1e-6)
-    assert "train/tlops" in logged and "train/routing_loss" in logged
+    assert 0.0 < float(logged["train/tlops"]) <= 1.0 and float(logged["train/routing_loss"]) > 0.0
     predictions = trainer.predict(module, loader)
     assert [tuple(p["tlops"].shape) for p in predictions] == [(4,), (2,)]
     torch.testing.assert_close(torch.cat([p["tlops"] for p in predictions]), want.per_image().float())
-    assert callback.predict_stats.tlops == pytest.approx(want.tlops, abs=1e-9)
 
 
 def test_image_classifier_routing_penalty_metrics_and_prediction_file(tmp_path, imagefolder):
@@ -349,9 +527,9 @@ def test_image_classifier_routing_penalty_metrics_and_prediction_file(tmp_path, 
 
     base_loss, trainer, module = fit_loss(0.0)
     weighted_loss, _, _ = fit_loss(2.0)
-    # the penalty λ·mean(1 − p) enters the training loss: same seed, data and weights, only λ differs
-    assert 0.0 < weighted_loss - base_loss <= 2.0
-    assert any(isinstance(c, RoutingMetricsCallback) for c in trainer.callbacks)  # added by the module
+    # the penalty λ·(fraction processed) enters the training loss: same seed, data and weights, only λ differs
+    assert 0.0 < weighted_loss - base_loss <= 2.0 + 1e-5
+    assert float(trainer.callback_metrics["train/routing_loss"]) == 0.0  # λ = 0
     assert 0.0 < float(trainer.callback_metrics["val/tlops"]) <= 1.0
 
     out = tmp_path / "preds.csv"

@@ -61,7 +61,7 @@ registry.list_models = list_models
 
 
 # TorchScript is deprecated in PyTorch 2.x and the model is not written for it (PEP 604 annotations, a custom
-# autograd function on the fast path); torch.compile, torch.export and ONNX are supported and tested instead.
+# autograd function in the Pattention kernel); torch.compile, torch.export and ONNX are supported and tested instead.
 # strict=True: if scripting ever starts working, these tests report XPASS as a failure and the mark must go.
 UNSUPPORTED = {
     "test_model_forward_torchscript": "TorchScript is not supported (deprecated); use torch.compile/torch.export",

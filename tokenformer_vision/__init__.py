@@ -10,7 +10,7 @@ from typing import Any
 from .model import TokenFormerViT, checkpoint_filter_fn
 from .pattention import Pattention
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> submodule that defines it (imported on first attribute access)
 _LAZY = {
@@ -25,8 +25,6 @@ __all__ = [
     "Pattention",
     "TokenFormerViT",
     "checkpoint_filter_fn",
-    "pattention_normalize",
-    "token_counts_from_state_dict",
     *_LAZY,
 ]
 

@@ -58,7 +58,7 @@ class PattentionAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = (t.view(B, N, self.num_heads, -1).transpose(1, 2) for t in self.qkv(x))
-        if attn_mask is not None and attn_mask.is_floating_point():
+        if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():  # not an FX proxy
             attn_mask = attn_mask.to(q.dtype)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.attn_drop if self.training else 0.0)

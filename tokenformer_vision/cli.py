@@ -18,6 +18,8 @@ durable checkpoints (:mod:`tokenformer_vision.checkpointing`: best by ``val/acc1
 from __future__ import annotations
 
 import copy
+import inspect
+import json
 import logging
 import os
 import shutil
@@ -134,9 +136,11 @@ class TokenFormerCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and Path(ckpt).is_file():
             saved = torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-            given, defaults = self.config[sub].get("model"), self.parser.get_defaults()[sub].get("model")
+            given, defaults = self.config[sub].get("model"), self._subcommand_parsers[sub].get_defaults().get("model")
+            same = lambda a, b: json.dumps(a, default=str, sort_keys=True) == json.dumps(b, default=str, sort_keys=True)
             differ = [f"--model.{k} {given[k]!r} (checkpoint: {saved[k]!r})" for k in saved
-                      if k in given and given[k] != _get(defaults, k) and given[k] != saved[k]]
+                      if k in given and given[k] is not None and not same(given[k], _get(defaults, k))
+                      and not same(given[k], saved[k])]
             if differ:
                 raise UsageError(f"ckpt_path {ckpt}: the model is rebuilt from the checkpoint, but "
                                  f"{', '.join(differ)} differ; drop them, or train a new model")
@@ -212,6 +216,10 @@ def _tool(name: str, argv: list[str]) -> None:
     parser.add_argument("--config", type=str | None, default=None,
                         help="the training config, to resolve --ckpt_path last|best among its runs")
     parser.add_function_arguments(fn)
+    flags = {f"--{n}" for n, p in inspect.signature(fn).parameters.items() if isinstance(p.default, bool)}
+    # boolean options work as flags too (`--onnx` as well as `--onnx true`)
+    argv = [t for i, a in enumerate(argv) for t in ([a, "true"] if a in flags and (i + 1 == len(argv) or argv[
+        i + 1].startswith("--")) else [a])]
     args = parser.parse_args(argv).as_dict()
     config_path = args.pop("config")
     if args["ckpt_path"] in ("last", "best"):
@@ -239,8 +247,10 @@ def _remove_empty_run(cli: TokenFormerCLI | None) -> None:
             shutil.rmtree(log_dir, ignore_errors=True)
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    while err.__cause__ is not None or err.__context__ is not None:
+def _user_error(err: BaseException | None) -> BaseException | None:
+    """The outermost ValueError/FileNotFoundError/TypeError in the chain (jsonargparse wraps the ones raised
+    while it builds the model or the data), or None."""
+    while err is not None and not isinstance(err, (ValueError, FileNotFoundError, TypeError)):
         err = err.__cause__ or err.__context__
     return err
 
@@ -269,10 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:
         if _STARTED:
             _remove_empty_run(_STARTED[0])
-        cause = _root_cause(err)
-        if not _STARTED and isinstance(cause, (ValueError, FileNotFoundError, TypeError)):
-            # a bad argument found while building the model or the data: the message is the useful part
-            sys.exit(f"tokenformer-vision: error: {type(cause).__name__}: {cause}")
+        cause = _user_error(err)
+        if not _STARTED and cause is not None:
+            # a bad argument found while building the model or the data: the message is the useful part (from
+            # jsonargparse's "Does not validate against any of the Union subtypes" essay, the errors it lists)
+            lines = [ln.strip()[2:] for ln in str(cause).splitlines() if ln.strip().startswith("- ")
+                     and "NoneType" not in ln] or [str(cause)]
+            sys.exit(f"tokenformer-vision: error: {type(cause).__name__}: " + "; ".join(lines))
         raise
 
 

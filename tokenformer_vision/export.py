@@ -33,19 +33,17 @@ ONNX_NAME = "model.onnx"
 
 
 def load_classifier(ckpt_path: str | Path) -> Any:
-    """``ImageClassifier.load_from_checkpoint`` on the CPU, in eval mode, with the clear errors of
-    :func:`~tokenformer_vision.checkpoint.read_checkpoint` for files that do not load."""
+    """``ImageClassifier.load_from_checkpoint`` on the CPU, in eval mode, after
+    :func:`~tokenformer_vision.checkpoint.read_checkpoint` has named any problem of the file itself."""
     from .classifier import ImageClassifier
 
-    try:
-        return ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True).eval()
-    except ValueError:
-        raise
-    except Exception as err:  # name the real problem (missing, empty, truncated, forbidden global, not a ckpt)
-        checkpoint = read_checkpoint(ckpt_path)
-        if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-            raise ValueError(f"{ckpt_path} is not a Lightning checkpoint of ImageClassifier") from err
-        raise
+    checkpoint = read_checkpoint(ckpt_path)
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{ckpt_path} is not a Lightning checkpoint: it has no 'state_dict'")
+    if not (checkpoint.get("hyper_parameters") or {}).get("model_name"):
+        raise ValueError(f"{ckpt_path} is not a checkpoint of ImageClassifier: its hyper_parameters have no "
+                         "'model_name'")
+    return ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True).eval()
 
 
 def save_timm_weights(model: nn.Module, out_dir: str | Path, label_names: list[str] | None = None,
@@ -82,10 +80,10 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, ema: bool = False,
         opset: ONNX opset (default: the exporter's).
     """
     classifier = load_classifier(ckpt_path)
-    if ema and classifier.ema is None:
+    checkpoint = read_checkpoint(ckpt_path)  # class names and data config recorded at fit time
+    if ema and not any(k.startswith("ema.") for k in checkpoint["state_dict"]):
         raise ValueError(f"{ckpt_path} has no EMA weights: export without --ema, or train with ema_decay")
     model = classifier.ema.module if ema else classifier.model
-    checkpoint = read_checkpoint(ckpt_path)  # class names and data config recorded at fit time
     names = checkpoint.get("class_names") or classifier.hparams.get("class_names")
     data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in (checkpoint.get("data_config") or {}).items()}
     out = save_timm_weights(model, out, label_names=names, data_config=data_config)

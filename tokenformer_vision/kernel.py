@@ -140,8 +140,9 @@ class _FusedPattention(torch.autograd.Function):
         u = saved if saved.dim() == 3 else _normalize_inplace(saved.view(rows, groups, n).to(cdt), tau_c, eps)[0]
         weights = F.gelu(u)  # recomputed instead of stored
         weights_in = weights.to(x2d.dtype)
-        grad_values = [torch.mm(weights_in[:, i].t(), dy) if needs[4 + groups + i] else None
-                       for i, dy in enumerate(grad_outputs)]
+        grad_values: list[torch.Tensor | None] = []
+        for i, dy in enumerate(grad_outputs):  # a loop, not a comprehension: Dynamo cannot trace `del` of a cell
+            grad_values.append(torch.mm(weights_in[:, i].t(), dy) if needs[4 + groups + i] else None)
         dS = torch.stack([torch.mm(dy, values[i].t()) for i, dy in enumerate(grad_outputs)], dim=1)
         del weights_in
         # the recomputed weights are dead now: their buffer takes the u·g product

@@ -10,6 +10,7 @@ embedding and head options, and the token-count part of :func:`checkpoint_filter
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from functools import partial
 from typing import Any, Literal
@@ -239,6 +240,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: TokenFor
     if other:
         raise ValueError(f"the weights are of another model ({', '.join(other)})")
     saved = token_counts(state)
+    if saved is None and found["depth"] and len(model.blocks):
+        raise ValueError("the weights have no TokenFormer block weights (no 'blocks.N.attn.q.key_param'): they are "
+                         "of another model")
     if saved is not None and len(model.blocks):
         # timm's local-dir:/hf-hub: loading builds the model from config.json's model_args: they must match
         declared = getattr(model, "pretrained_model_args", None) or {}
@@ -253,6 +257,11 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: TokenFor
                              "the model with the weights' attn_tokens/ffn_tokens")
         if saved != have:
             model.grow(**saved)
+    pos = state.get("pos_embed")
+    if pos is not None and model.pos_embed is not None and pos.shape != model.pos_embed.shape:
+        patches = pos.shape[1] - (0 if model.no_embed_class else model.num_prefix_tokens)
+        if math.isqrt(patches) ** 2 != patches:  # timm would guess a grid for it: refuse instead
+            raise ValueError(f"cannot resample a non-square saved pos_embed of {patches} patch tokens")
     cfg = getattr(model, "pretrained_cfg", None) or {}
     saved_classes = head_classes(state)
     if (cfg.get("file") or cfg.get("source")) and model.num_classes == cfg.get("num_classes") and saved_classes \

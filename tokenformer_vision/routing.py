@@ -106,8 +106,8 @@ def _route_gathered(block: nn.Module, x: torch.Tensor, processed: torch.Tensor) 
     """Inference: gather each image's processed tokens to the front, pad to the batch's largest count, mask pads."""
     B, N, C = x.shape
     counts = processed.sum(1)
-    K = int(counts.max())  # one host sync per block: the gathered length is data-dependent
-    if K == N:
+    K, everything = torch.stack([counts.max(), processed.all()]).tolist()  # one host sync: data-dependent length
+    if everything:
         return block.forward_gated(x)
     order = torch.argsort((~processed).to(torch.uint8), dim=1, stable=True)[:, :K]  # processed first, in order
     valid = torch.arange(K, device=x.device).unsqueeze(0) < counts.unsqueeze(1)  # [B, K]; False = pad slot
