@@ -27,7 +27,7 @@ timm-tests: $(TIMM_TESTS)/test_models.py
 
 # the main job on the embedded digits data: fit with a growth stage, validate the best checkpoint, plot
 demo: $(VENV)/.installed
-	PY=$(PY) bash scripts/demo.sh
+	PY=$(PY) bash scripts/demo/demo.sh
 
 test: $(VENV)/.installed $(TIMM_TESTS)/test_models.py
 	$(PY) -m pytest -q

@@ -1,13 +1,14 @@
 """Render how many blocks each patch of an image went through under token routing (a PNG, matplotlib).
 
-    # a digit from scikit-learn's digits, weights saved by scripts/bench_routing.py
-    python scripts/routing_map.py --weights /tmp/routing_bench/digits_routed_l0.05.safetensors \\
+    # a digit from scikit-learn's digits, weights saved by scripts/benchmarks/bench_routing.py
+    python scripts/benchmarks/routing_map.py --weights /tmp/routing_bench/digits_routed_l0.05.safetensors \\
         --model-kwargs '{"img_size": 16, "patch_size": 2, "embed_dim": 64, "depth": 6, "num_heads": 2}' \\
         --num-classes 10 --digit 7 --out routing_map.png
     # any image, a Lightning checkpoint of ImageClassifier (model name and kwargs are read from it)
-    python scripts/routing_map.py --image cat.jpg --weights last.ckpt --out cat_routing.png
+    python scripts/benchmarks/routing_map.py --image cat.jpg --weights last.ckpt --out cat_routing.png
 
 Without ``--weights`` the gates are untrained and keep nearly every token; the map is then only a smoke test.
+``--device cpu|cuda`` and ``--dtype float32|bfloat16|float16`` (autocast) choose where the forward runs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from common import add_device_args, autocast, dtype_of, resolve_device
 
 import tokenformer_vision  # noqa: F401  (registers the models)
 from tokenformer_vision import TokenFormerViT, checkpoint_filter_fn
@@ -137,17 +139,19 @@ def main() -> None:
     parser.add_argument("--mean", type=float, nargs=3, default=None)
     parser.add_argument("--std", type=float, nargs=3, default=None)
     parser.add_argument("--out", default="routing_map.png")
+    add_device_args(parser)
     args = parser.parse_args()
     if not args.image and not 0 <= args.digit < 1797:
         parser.error(f"--digit must be in 0..1796, got {args.digit}")
 
     torch.manual_seed(0)  # untrained gates: a reproducible map
-    model = build_model(args)
+    device, dtype = resolve_device(args), dtype_of(args)
+    model = build_model(args).to(device)
     display, x, label = load_image(args, tuple(model.patch_embed.img_size))
-    with torch.no_grad():
-        logits = model(x)
+    with torch.no_grad(), autocast(device, dtype):
+        logits = model(x.to(device))
     stats = model.routing_stats()
-    depth = model.routing_depth_map()[0, model.num_prefix_tokens:].reshape(model.patch_embed.grid_size).numpy()
+    depth = model.routing_depth_map()[0, model.num_prefix_tokens:].reshape(model.patch_embed.grid_size).cpu().numpy()
     title = (f"{label}: predicted {int(logits.argmax())}, threshold {args.threshold:g}, "
              f"TLOps {100 * stats.tlops:.1f}% of the unrouted model"
              + ("" if args.weights else " (untrained gates)"))

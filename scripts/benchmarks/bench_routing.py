@@ -11,16 +11,18 @@ over (0, 1)): speed depends only on how many tokens each block keeps, so each ro
 fraction next to the speed-up. The unrouted and routed models share all other weights and are timed interleaved
 in one process.
 
-    python scripts/bench_routing.py accuracy --epochs 30 --out /tmp/routing_acc.json
-    python scripts/bench_routing.py speed --batch 8 --reps 3 --out /tmp/routing_speed.json
+    python scripts/benchmarks/bench_routing.py accuracy --epochs 30 --out /tmp/routing_acc.json
+    python scripts/benchmarks/bench_routing.py speed --batch 8 --reps 3 --out /tmp/routing_speed.json
+    python scripts/benchmarks/bench_routing.py speed --device cuda --dtype bfloat16 --batch 64 --reps 10
+
+Both accept ``--device cpu|cuda`` and ``--dtype float32|bfloat16|float16`` (accuracy: Lightning's ``32-true`` /
+``bf16-mixed`` / ``16-mixed``; speed: ``torch.autocast``); timings are synchronised on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ from pathlib import Path
 import lightning as L
 import timm
 import torch
+from common import add_device_args, autocast, dtype_of, load, machine_info, resolve_device, timed
 
 import tokenformer_vision  # noqa: F401  (registers the models)
 from tokenformer_vision import DigitsDataModule, ImageClassifier, TokenFormerViT
@@ -35,25 +38,26 @@ from tokenformer_vision import DigitsDataModule, ImageClassifier, TokenFormerViT
 THRESHOLDS = (1.0, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2)
 
 
-def machine() -> dict:
-    return {"torch": torch.__version__, "timm": timm.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()}
+PRECISION = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
 
 
 # -------------------------------------------------------------------------------------------- accuracy
 @torch.no_grad()
-def evaluate(model: TokenFormerViT, loader) -> dict:
+def evaluate(model: TokenFormerViT, loader, device: torch.device, dtype: torch.dtype) -> dict:
     """Top-1 accuracy (%) and TLOps fraction (exact token counts) of ``model`` in eval mode over ``loader``."""
-    model.eval()
+    model.eval().to(device)
     correct = total = 0
     processed = None
     tokens = 0
     for images, targets in loader:
-        correct += int((model(images).argmax(-1) == targets).sum())
+        images, targets = images.to(device), targets.to(device)
+        with autocast(device, dtype):
+            logits = model(images)
+        correct += int((logits.argmax(-1) == targets).sum())
         total += len(targets)
         if model.token_routing:
             stats = model.routing_stats()
-            counts = stats.processed.sum(1)
+            counts = stats.processed.sum(1).cpu()
             processed = counts if processed is None else processed + counts
             tokens += stats.processed.shape[1] * stats.tokens
     out = {"acc1": 100.0 * correct / total, "images": total, "tlops": 1.0}
@@ -74,7 +78,8 @@ def train(routing: bool, penalty: float, args: argparse.Namespace) -> tuple[Toke
                           token_routing=routing, routing_loss_weight=penalty),
     )
     dm = DigitsDataModule(img_size=args.img_size, batch_size=args.batch, num_workers=0, seed=args.seed)
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_epochs=args.epochs, accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
+                        precision=PRECISION[args.dtype], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
                         limit_val_batches=0, num_sanity_val_steps=0)
     start = time.perf_counter()
@@ -84,10 +89,11 @@ def train(routing: bool, penalty: float, args: argparse.Namespace) -> tuple[Toke
 
 
 def run_accuracy(args: argparse.Namespace) -> dict:
+    device, dtype = resolve_device(args), dtype_of(args)
     dm = DigitsDataModule(img_size=args.img_size, batch_size=args.batch, num_workers=0, seed=args.seed)
     dm.setup("validate")
     val = dm.val_dataloader()
-    result = {"command": "accuracy", "args": vars(args), "machine_start": machine(), "runs": []}
+    result = {"command": "accuracy", "args": vars(args), "machine_start": machine_info(device), "runs": []}
     configs = [("off", False, 0.0)] + [(f"on, λ={p:g}", True, p) for p in args.penalties]
     for name, routing, penalty in configs:
         print(f"== {name}", flush=True)
@@ -97,35 +103,38 @@ def run_accuracy(args: argparse.Namespace) -> dict:
             run["sweep"] = []
             for threshold in THRESHOLDS:
                 model.routing_threshold = threshold
-                run["sweep"].append({"threshold": threshold, **evaluate(model, val)})
+                run["sweep"].append({"threshold": threshold, **evaluate(model, val, device, dtype)})
                 print(f"  threshold {threshold}: {run['sweep'][-1]}", flush=True)
             if args.save_dir:
                 from safetensors.torch import save_file
                 path = Path(args.save_dir) / f"digits_routed_l{penalty:g}.safetensors"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+                save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
                 run["weights"] = str(path)
         else:
-            run["eval"] = evaluate(model, val)
+            run["eval"] = evaluate(model, val, device, dtype)
             print(f"  eval: {run['eval']}", flush=True)
         result["runs"].append(run)
-    result["machine_end"] = machine()
+    result["machine_end"] = {"loadavg": load()}
     return result
 
 
 # ----------------------------------------------------------------------------------------------- speed
 @torch.inference_mode()
 def run_speed(args: argparse.Namespace) -> dict:
+    device, dtype = resolve_device(args), dtype_of(args)
+    info = machine_info(device)
     torch.manual_seed(0)
-    base = timm.create_model(args.model, img_size=args.img, num_classes=1000).eval()
-    routed = timm.create_model(args.model, img_size=args.img, num_classes=1000, token_routing=True).eval()
+    base = timm.create_model(args.model, img_size=args.img, num_classes=1000).eval().to(device)
+    routed = timm.create_model(args.model, img_size=args.img, num_classes=1000, token_routing=True).eval().to(device)
     missing, unexpected = routed.load_state_dict(base.state_dict(), strict=False)
     assert not unexpected and all(".router." in k for k in missing)
     with torch.no_grad():  # spread the untrained gates' halting probabilities over (0, 1)
         for block in routed.blocks[1:]:
             block.router.fc2.weight.mul_(args.gate_scale)
-    x = torch.randn(args.batch, 3, args.img, args.img, generator=torch.Generator().manual_seed(0))
-    base(x), routed(x)  # warm-up (allocator, kernels)
+    x = torch.randn(args.batch, 3, args.img, args.img, generator=torch.Generator().manual_seed(0)).to(device)
+    with autocast(device, dtype):
+        base(x), routed(x)  # warm-up (allocator, kernels)
     base_times: list[float] = []
     rows = {t: {"threshold": t, "times": []} for t in args.thresholds}
     for rep in range(args.reps):
@@ -133,15 +142,12 @@ def run_speed(args: argparse.Namespace) -> dict:
             model = base if threshold is None else routed
             if threshold is not None:
                 routed.routing_threshold = threshold
-            start = time.perf_counter()
-            model(x)
-            elapsed = time.perf_counter() - start
-            if threshold is None:
-                base_times.append(elapsed)
-            else:
-                rows[threshold]["times"].append(elapsed)
+            with timed(device, base_times if threshold is None else rows[threshold]["times"]), \
+                    autocast(device, dtype):
+                model(x)
+            if threshold is not None:
                 rows[threshold]["tlops"] = routed.routing_stats().tlops
-        print(f"  rep {rep + 1}/{args.reps} done, load {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"  rep {rep + 1}/{args.reps} done, load {load()[0]:.1f}", flush=True)
     base_s = statistics.median(base_times)
     table = []
     for row in rows.values():
@@ -151,16 +157,17 @@ def run_speed(args: argparse.Namespace) -> dict:
                       "times": [round(v, 3) for v in row["times"]]})
         print(f"  threshold {row['threshold']}: TLOps {row['tlops']:.3f}, {t:.3f}s, speed-up {base_s / t:.2f}x",
               flush=True)
-    return {"command": "speed", "args": vars(args), "machine_start": machine(),
+    return {"command": "speed", "args": vars(args), "machine_start": info,
             "unrouted": {"seconds": round(base_s, 3), "img_per_s": round(args.batch / base_s, 2),
                          "times": [round(v, 3) for v in base_times]},
-            "routed": table, "machine_end": machine()}
+            "routed": table, "machine_end": {"loadavg": load()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     acc = sub.add_parser("accuracy", help="digits: accuracy and TLOps with vs without routing")
+    add_device_args(acc)
     acc.add_argument("--epochs", type=int, default=30)
     acc.add_argument("--batch", type=int, default=64)
     acc.add_argument("--lr", type=float, default=2e-3)
@@ -175,6 +182,7 @@ def main() -> None:
     acc.add_argument("--save-dir", default=None, help="save the routed models' weights here")
     acc.add_argument("--out", default=None)
     spd = sub.add_parser("speed", help="inference throughput vs kept fraction (hard skipping)")
+    add_device_args(spd)
     spd.add_argument("--model", default="tokenformer_small")
     spd.add_argument("--img", type=int, default=224)
     spd.add_argument("--batch", type=int, default=8)

@@ -3,8 +3,8 @@
 Trains 100 steps on coloured rectangles drawn on noise (class = colour), runs inference on a new image and
 saves it with the predicted boxes (coloured by class, with scores) and the ground truth (white)::
 
-    python scripts/detect_example.py --out detections.png
-    python scripts/detect_example.py --backbone tokenformer_small --weights classifier.ckpt --steps 300
+    python scripts/examples/detect_example.py --out detections.png
+    python scripts/examples/detect_example.py --backbone tokenformer_small --weights classifier.ckpt --steps 300
 
 A hundred steps from a random trunk show that everything runs and learns (boxes land on the rectangles, with
 modest scores); real detection needs pretrained backbone weights (``--weights``) and real data. On a shared

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train small then grow (GrowthCallback) vs train at the final width from scratch, on the digits data.
 
-    OMP_NUM_THREADS=1 python scripts/growth_vs_scratch.py --epochs 24 --grow-epoch 8 --seeds 0 1 \\
+    OMP_NUM_THREADS=1 python scripts/benchmarks/growth_vs_scratch.py --epochs 24 --grow-epoch 8 --seeds 0 1 \\
         --out docs/benchmarks/growth_digits.json
 
 Model: tokenformer_tiny's shell at d 96, 4 blocks, 3 heads, 32x32 input in 8x8 patches (16 tokens); widths
@@ -18,19 +18,21 @@ Training compute is counted with ``torch.utils.flop_counter.FlopCounterMode`` on
 shared machine: the arms run one after the other in this process). For each arm the script reports the
 cumulative training FLOPs and time at the first epoch whose val accuracy reaches the scratch run's final val
 accuracy ("compute to target"), and the final accuracy.
+
+``--device cpu|cuda`` and ``--dtype float32|bfloat16|float16`` pick the trainer's accelerator and precision
+(``32-true`` / ``bf16-mixed`` / ``16-mixed``); on CUDA the per-step wall times are synchronised.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from common import add_device_args, load, machine_info, resolve_device, sync
 from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -49,9 +51,11 @@ class Meter(Callback):
         self._t0 = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        sync(pl_module.device)
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        sync(pl_module.device)
         self.seconds += time.perf_counter() - self._t0
         m = pl_module.model
         self.flops += self.flops_per_step[(m.attn_tokens, m.ffn_tokens)]
@@ -94,7 +98,9 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, flops: dict) -> list[
                                           "rewarm_steps": args.rewarm_steps}]))
     data = DigitsDataModule(img_size=args.img_size, batch_size=args.batch_size, num_workers=0, seed=0)
     module = ImageClassifier(num_classes=10, **model_args(args, *widths))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False,
+    precision = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}[args.dtype]
+    trainer = pl.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=precision,
+                         max_epochs=args.epochs, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=callbacks)
     trainer.fit(module, datamodule=data)
@@ -110,6 +116,7 @@ def to_target(history: list[dict[str, float]], target: float) -> dict[str, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_device_args(parser)
     parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--grow-epoch", type=int, default=8)
     parser.add_argument("--start", type=int, nargs=2, default=[24, 96], metavar=("ATTN", "FFN"))
@@ -129,13 +136,13 @@ def main() -> None:
     args = parser.parse_args()
     if "scratch" not in args.arms:
         parser.error("the 'scratch' arm sets the target accuracy; keep it in --arms")
+    device = resolve_device(args)
 
     flops = {tuple(w): step_flops(args, *w) for w in (args.start, args.final)}
     print(f"training FLOPs per step: start {args.start}: {flops[tuple(args.start)] / 1e9:.3f} G, "
           f"final {args.final}: {flops[tuple(args.final)] / 1e9:.3f} G")
     results: dict[str, Any] = {"args": vars(args), "flops_per_step": {str(k): v for k, v in flops.items()},
-                               "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
-                                           "platform": platform.platform(), "load_before": os.getloadavg()},
+                               "machine": machine_info(device),
                                "runs": {}}
     for seed in args.seeds:
         for arm in args.arms:
@@ -145,7 +152,7 @@ def main() -> None:
             print(f"seed {seed} {arm:8s}: final val acc1 {history[-1]['val_acc1']:.4f}, "
                   f"{history[-1]['train_flops'] / 1e12:.2f} TFLOPs, {history[-1]['train_seconds']:.0f} s train, "
                   f"{time.perf_counter() - t0:.0f} s total")
-    results["machine"]["load_after"] = os.getloadavg()
+    results["machine"]["load_after"] = load()
 
     print("\nCompute to reach the scratch run's final val acc1 (same seed):")
     print(f"{'seed':>4} {'arm':8s} {'target':>7} {'epoch':>5} {'TFLOPs':>7} {'train s':>8} {'FLOPs/scratch':>13} "

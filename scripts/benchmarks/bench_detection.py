@@ -5,19 +5,19 @@ differs. Timing runs all models round-robin in one process (so machine load hits
 forward into trunk / pyramid / rest (transform, RPN, RoI heads) with forward hooks. Peak memory is measured
 for each model in a fresh subprocess: on CPU the peak resident-set growth of one inference forward (Linux
 ``VmHWM``, reset through ``/proc/self/clear_refs``), on CUDA ``torch.cuda.max_memory_allocated``.
+``--dtype bfloat16|float16`` runs the detector under ``torch.autocast``.
 
-    python scripts/bench_detection.py --json bench_detection.json
-    python scripts/bench_detection.py --models tokenformer_tiny vit_small_patch16_224 --height 512 --width 512
+    python scripts/benchmarks/bench_detection.py --json bench_detection.json
+    python scripts/benchmarks/bench_detection.py --device cuda --dtype bfloat16 --json bench_detection_bf16.json
+    python scripts/benchmarks/bench_detection.py --models tokenformer_tiny vit_small_patch16_224 \\
+        --height 512 --width 512
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import add_device_args, autocast, dtype_of, load, machine_info, peak_bytes, resolve_device, sync
 
 import tokenformer_vision  # noqa: F401  (registers the timm models)
 from tokenformer_vision.detection import fasterrcnn_tokenformer
@@ -37,11 +38,6 @@ def build(name: str, height: int, width: int, device: torch.device) -> torch.nn.
     # min/max size = the image size: the transform keeps it (then pads to a multiple of 32)
     model = fasterrcnn_tokenformer(name, num_classes=91, min_size=min(height, width), max_size=max(height, width))
     return model.eval().to(device)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class StageTimer:
@@ -60,7 +56,7 @@ class StageTimer:
 
     def _mark(self, key: str):
         def hook(*_):
-            _sync(self.device)
+            sync(self.device)
             self.marks[key] = time.perf_counter()
         return hook
 
@@ -70,21 +66,15 @@ class StageTimer:
                 "backbone": m["backbone_end"] - m["backbone_start"]}
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def measure_memory(name: str, height: int, width: int, device: torch.device) -> dict[str, float | str]:
+def measure_memory(name: str, height: int, width: int, device: torch.device,
+                   dtype: torch.dtype) -> dict[str, float | str]:
     """Peak memory of one inference forward of the detector and of its backbone alone (trunk + pyramid).
 
     Each is measured on its second call: the first pays one-off allocations (allocator pools, oneDNN caches).
     """
     model = build(name, height, width, device)
     image = [torch.rand(3, height, width, device=device)]
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, dtype):
         batch = model.transform(image)[0].tensors  # the resized, normalised, padded input the backbone sees
         out: dict[str, float | str] = {"method": "cuda max_memory_allocated" if device.type == "cuda" else "rss"}
         for key, fn in (("peak_mib", lambda: model(image)), ("backbone_peak_mib", lambda: model.backbone(batch))):
@@ -95,37 +85,23 @@ def measure_memory(name: str, height: int, width: int, device: torch.device) -> 
 
 
 def _peak_mib(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    try:  # hand freed heap pages back to the OS so that the baseline is what is really in use
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
-    base = _rss_kib("VmRSS")
-    fn()
-    return (_rss_kib("VmHWM") - base) / 1024
+    return peak_bytes(fn, device, cpu_method="rss") / 2**20
 
 
 def time_models(names: list[str], height: int, width: int, reps: int, warmup: int,
-                device: torch.device) -> dict[str, dict[str, Any]]:
+                device: torch.device, dtype: torch.dtype) -> dict[str, dict[str, Any]]:
     models = {n: build(n, height, width, device) for n in names}
     timers = {n: StageTimer(m, device) for n, m in models.items()}
     image = [torch.rand(3, height, width, device=device)]
     samples: dict[str, dict[str, list[float]]] = {n: {"total": [], "trunk": [], "pyramid": [], "heads": []}
                                                   for n in names}
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, dtype):
         for rep in range(warmup + reps):
             for name in names:  # round-robin: load changes hit every model alike
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 models[name](image)
-                _sync(device)
+                sync(device)
                 total = time.perf_counter() - start
                 if rep < warmup:
                     continue
@@ -148,10 +124,7 @@ def time_models(names: list[str], height: int, width: int, reps: int, warmup: in
 
 
 def _load() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
+    return " ".join(f"{v:.2f}" for v in load())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,35 +134,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=1333)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    add_device_args(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)  # internal: one model's memory
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device, dtype = resolve_device(args), dtype_of(args)
     torch.manual_seed(0)
 
     if args.memory_worker:
-        print(json.dumps(measure_memory(args.memory_worker, args.height, args.width, device)))
+        print(json.dumps(measure_memory(args.memory_worker, args.height, args.width, device, dtype)))
         return
 
-    env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-           "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-           "load_before": _load(), "image": [args.height, args.width], "reps": args.reps}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
+    env = {**machine_info(device), "device": str(device), "dtype": args.dtype, "load_before": _load(),
+           "image": [args.height, args.width], "reps": args.reps}
     print(f"Faster R-CNN forward at {args.height}x{args.width}, {env['device']}, {env['threads']} threads, "
           f"torch {env['torch']}, load {env['load_before']}", flush=True)
-    results = time_models(args.models, args.height, args.width, args.reps, args.warmup, device)
+    results = time_models(args.models, args.height, args.width, args.reps, args.warmup, device, dtype)
     env["load_after_timing"] = _load()
 
     if not args.no_memory:
         for name in args.models:
             cmd = [sys.executable, __file__, "--memory-worker", name, "--height", str(args.height),
-                   "--width", str(args.width), "--device", args.device]
+                   "--width", str(args.width), "--device", args.device, "--dtype", args.dtype]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)

@@ -2,7 +2,7 @@
 """Plot a run's CSV log (Lightning's CSVLogger ``metrics.csv``): training loss, validation accuracy and loss, the
 learning rate, with a vertical line at every growth event (``growth/step``, logged by GrowthCallback).
 
-    python scripts/plot_metrics.py runs/digits/version_0/metrics.csv --out runs/digits/version_0/metrics.png
+    python scripts/demo/plot_metrics.py runs/digits/version_0/metrics.csv --out runs/digits/version_0/metrics.png
 """
 
 from __future__ import annotations
