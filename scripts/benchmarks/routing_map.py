@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,22 +24,15 @@ import torch.nn.functional as F
 from common import add_device_args, autocast, dtype_of, resolve_device
 
 import tokenformer_vision  # noqa: F401  (registers the models)
-from tokenformer_vision import TokenFormerViT, checkpoint_filter_fn
+from tokenformer_vision import TokenFormerViT
+from tokenformer_vision.checkpoint import adapt_state_dict, load_strict, read_checkpoint, select_weights
 
 
 def load_state(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Weights (safetensors / .pth / Lightning .ckpt) and, for a Lightning checkpoint, its hyperparameters."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"weights file {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path), {}
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never run code from a weights file
-    hparams = dict(ckpt.get("hyper_parameters", {})) if isinstance(ckpt, dict) else {}
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
-    ema = {k[len("ema.module."):]: v for k, v in state.items() if k.startswith("ema.module.")}
-    return (ema or state), hparams
+    """Weights (safetensors / .pth / Lightning .ckpt, EMA preferred) and, for a Lightning checkpoint, its
+    hyperparameters."""
+    checkpoint = read_checkpoint(path)  # weights_only=True: never runs code from a weights file
+    return select_weights(checkpoint), dict(checkpoint.get("hyper_parameters") or {})
 
 
 def build_model(args: argparse.Namespace) -> TokenFormerViT:
@@ -60,12 +52,8 @@ def build_model(args: argparse.Namespace) -> TokenFormerViT:
     model = timm.create_model(model_name, **kwargs)
     if not isinstance(model, TokenFormerViT):
         raise ValueError(f"{model_name} is not a TokenFormer model")
-    if state:
-        state = checkpoint_filter_fn(state, model)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or missing:
-            raise ValueError(f"weights do not fit {model_name} {kwargs}: missing {missing[:4]}, unexpected "
-                             f"{unexpected[:4]} (a model trained without token_routing has no gates)")
+    if state:  # a model trained without token_routing has no routers: a clear error names the missing keys
+        load_strict(model, adapt_state_dict(model, state), args.weights)
     model.routing_threshold = args.threshold
     return model.eval()
 
