@@ -10,6 +10,7 @@ import torch
 from timm.utils import ModelEmaV3
 
 from tokenformer_vision import GrowthCallback, TokenFormerViT
+from tokenformer_vision.callbacks import validate_schedule
 from tokenformer_vision.growth import (
     grow_ema,
     grow_model,
@@ -17,7 +18,6 @@ from tokenformer_vision.growth import (
     grow_param_state,
     grow_training_state,
 )
-from tokenformer_vision.callbacks import validate_schedule
 
 
 def tiny(**kw) -> TokenFormerViT:

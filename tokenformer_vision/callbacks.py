@@ -61,7 +61,8 @@ def validate_schedule(schedule: Sequence[Mapping[str, Any] | GrowthStage]) -> li
         if not isinstance(stage, Mapping):
             raise ValueError(f"{where}: each stage must be a mapping")
         if set(stage) - _STAGE_KEYS:
-            raise ValueError(f"{where}: unknown keys {sorted(set(stage) - _STAGE_KEYS)}; allowed: {sorted(_STAGE_KEYS)}")
+            raise ValueError(f"{where}: unknown keys {sorted(set(stage) - _STAGE_KEYS)}; allowed: "
+                             f"{sorted(_STAGE_KEYS)}")
         for key, value in stage.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{where}: {key} must be a non-negative int, got {value!r}")
