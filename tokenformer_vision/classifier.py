@@ -164,42 +164,33 @@ class ImageClassifier(LightningModule):
     # ---------------------------------------------------------------------------------------------- set-up
     @staticmethod
     def _check_args(a: dict[str, Any]) -> None:
-        def bad(name: str, rule: str) -> ValueError:
-            return ValueError(f"ImageClassifier: {name} must be {rule}, got {a[name]!r}")
-
-        for name in ("num_classes", "img_size"):
-            if a[name] is not None and (isinstance(a[name], bool) or not isinstance(a[name], int) or a[name] < 1):
-                raise bad(name, "a positive int or None")
-        if not a["lr"] > 0:
-            raise bad("lr", "> 0")
-        if a["weight_decay"] < 0:
-            raise bad("weight_decay", "≥ 0")
-        if len(a["betas"]) != 2 or not all(0.0 <= b < 1.0 for b in a["betas"]):
-            raise bad("betas", "two numbers in [0, 1)")
-        if a["warmup_steps"] < 0 or a["warmup_epochs"] < 0:
-            raise ValueError(f"ImageClassifier: warmup must be ≥ 0, got warmup_steps={a['warmup_steps']}, "
-                             f"warmup_epochs={a['warmup_epochs']}")
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        rules = {  # name: (valid?, what it must be)
+            "num_classes": (lambda v: v is None or is_int(v) and v >= 1, "a positive int or None"),
+            "img_size": (lambda v: v is None or is_int(v) and v >= 1, "a positive int or None"),
+            "lr": (lambda v: v > 0, "> 0"),
+            "weight_decay": (lambda v: v >= 0, "≥ 0"),
+            "betas": (lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v), "two numbers in [0, 1)"),
+            "warmup_steps": (lambda v: v >= 0, "≥ 0"),
+            "warmup_epochs": (lambda v: v >= 0, "≥ 0"),
+            "min_lr": (lambda v: 0.0 <= v <= a["lr"], f"in [0, lr={a['lr']}]"),
+            "label_smoothing": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+            "mixup": (lambda v: v >= 0, "≥ 0"),
+            "cutmix": (lambda v: v >= 0, "≥ 0"),
+            "drop_path_rate": (lambda v: v >= 0, "≥ 0"),
+            "mixup_prob": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+            "mixup_switch_prob": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+            "ema_decay": (lambda v: v is None or 0.0 <= v < 1.0, "in [0, 1) or None"),
+            "top_k": (lambda v: is_int(v) and v >= 1, "a positive int"),
+            "nonfinite": (lambda v: v in ("skip", "stop"), "'skip' or 'stop'"),
+            "max_nonfinite_steps": (lambda v: is_int(v) and v >= 1, "a positive int"),
+        }
+        for name, (valid, rule) in rules.items():
+            if not valid(a[name]):
+                raise ValueError(f"ImageClassifier: {name} must be {rule}, got {a[name]!r}")
         if a["warmup_steps"] and a["warmup_epochs"]:
             raise ValueError("ImageClassifier: give warmup_steps or warmup_epochs, not both "
                              f"(got {a['warmup_steps']} and {a['warmup_epochs']})")
-        if not 0.0 <= a["min_lr"] <= a["lr"]:
-            raise ValueError(f"ImageClassifier: min_lr must be in [0, lr={a['lr']}], got {a['min_lr']}")
-        if not 0.0 <= a["label_smoothing"] < 1.0:
-            raise bad("label_smoothing", "in [0, 1)")
-        for name in ("mixup", "cutmix", "drop_path_rate"):
-            if a[name] < 0:
-                raise bad(name, "≥ 0")
-        for name in ("mixup_prob", "mixup_switch_prob"):
-            if not 0.0 <= a[name] <= 1.0:
-                raise bad(name, "in [0, 1]")
-        if a["ema_decay"] is not None and not 0.0 <= a["ema_decay"] < 1.0:
-            raise bad("ema_decay", "in [0, 1) or None")
-        if not isinstance(a["top_k"], int) or a["top_k"] < 1:
-            raise bad("top_k", "a positive int")
-        if a["nonfinite"] not in ("skip", "stop"):
-            raise bad("nonfinite", "'skip' or 'stop'")
-        if not isinstance(a["max_nonfinite_steps"], int) or a["max_nonfinite_steps"] < 1:
-            raise bad("max_nonfinite_steps", "a positive int")
         clash = {"num_classes", "img_size", "drop_path_rate", "pretrained"} & set(a["model_kwargs"] or {})
         if clash:
             raise ValueError(f"ImageClassifier: set {sorted(clash)} as ImageClassifier arguments, not in model_kwargs")
