@@ -8,60 +8,10 @@ dm.set_epoch(3)                         # train batches of epoch 3: a function o
 ```
 """
 
-from .datamodule import (
-    ImageClassificationDataModule,
-    ImageFolderDataModule,
-    ImageNetDataModule,
-    default_num_workers,
-)
-from .digits import DigitsDataModule, load_digits_rgb, split_digits
-from .folder import (
-    ArrayDataset,
-    EpochSampler,
-    ImageFileDataset,
-    SkipCounter,
-    collate_skip_none,
-    derive_seed,
-    empty_class_folders,
-    find_class_names,
-    list_images,
-    load_rgb,
-    scan_split,
-    seed_worker,
-)
-from .transforms import (
-    TransformConfig,
-    build_transforms,
-    interpolation_flag,
-    rand_augment_policy,
-    reseed_transform,
-    resolve_transform_config,
-)
+from . import datamodule, digits, folder, transforms
+from .datamodule import *  # noqa: F403
+from .digits import *  # noqa: F403
+from .folder import *  # noqa: F403
+from .transforms import *  # noqa: F403
 
-__all__ = [
-    "ArrayDataset",
-    "DigitsDataModule",
-    "EpochSampler",
-    "ImageClassificationDataModule",
-    "ImageFileDataset",
-    "ImageFolderDataModule",
-    "ImageNetDataModule",
-    "SkipCounter",
-    "TransformConfig",
-    "build_transforms",
-    "collate_skip_none",
-    "default_num_workers",
-    "derive_seed",
-    "empty_class_folders",
-    "find_class_names",
-    "interpolation_flag",
-    "list_images",
-    "load_digits_rgb",
-    "load_rgb",
-    "rand_augment_policy",
-    "reseed_transform",
-    "resolve_transform_config",
-    "scan_split",
-    "seed_worker",
-    "split_digits",
-]
+__all__ = sorted(datamodule.__all__ + digits.__all__ + folder.__all__ + transforms.__all__)

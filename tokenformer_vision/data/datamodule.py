@@ -1,45 +1,132 @@
-"""Lightning DataModules: ImageNet-layout image folders (``ImageFolderDataModule`` / ``ImageNetDataModule``).
+"""The shared base of the Lightning DataModules and its DataLoader helpers: skip counting across workers, a collate
+that drops skipped samples, an epoch-seeded training sampler, per-worker reseeding.
 
 Batches: train/val/test ``(images float32 [B, 3, H, W], targets int64 [B])``; predict ``(images, targets,
 indices)`` with ``targets = -1`` where unknown and ``indices`` into :meth:`predict_names`. Unreadable images are
-dropped from their batch; a batch whose images were all unreadable is ``None``: Lightning's training loop skips it
-(with a warning), validation/test/predict steps receive it and should return ``None``.
-
-Training batches (order and augmentation) are a function of ``(seed, epoch)``: see :class:`EpochSampler`. The
-seed and epoch travel in Lightning checkpoints (:meth:`ImageClassificationDataModule.state_dict`), so a run resumed
-at epoch k sees exactly the batches the uninterrupted run saw in epoch k.
+dropped from their batch; a batch of only unreadable images is ``None``: Lightning's training loop skips it,
+validation/test/predict steps receive it and should return ``None``. Training batches are a function of ``(seed,
+epoch)`` (:class:`EpochSampler`), both saved in checkpoints, so a resumed run replays the original run's batches.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import multiprocessing
+import multiprocessing.context
 import os
+import random
 import warnings
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate, get_worker_info
 
-from .folder import (
-    LAYOUT_HELP,
-    EpochSampler,
-    ImageFileDataset,
-    SkipCounter,
-    collate_skip_none,
-    derive_seed,
-    empty_class_folders,
-    find_class_names,
-    list_images,
-    scan_split,
-    seed_worker,
-)
 from .transforms import TransformConfig, build_transforms, resolve_transform_config
 
-__all__ = ["ImageClassificationDataModule", "ImageFolderDataModule", "ImageNetDataModule", "default_num_workers"]
+__all__ = ["EpochSampler", "ImageClassificationDataModule", "SkipCounter", "collate_skip_none", "default_num_workers",
+           "derive_seed", "seed_worker"]
+
+
+class SkipCounter:
+    """Count of skipped (unreadable) images, shared by the main process and its DataLoader workers (any start
+    method, persistent or not).
+
+    Lock-free shared memory: each process adds to its own slot (by pid), reading sums the slots. Pickled outside a
+    worker spawn (a deepcopy, a checkpoint) it becomes a new local counter starting at the current value.
+    """
+
+    _SLOTS = 1024
+
+    def __init__(self, start: int = 0) -> None:
+        # RawArray has no SemLock, so it can also be handed to spawn/forkserver workers
+        self._slots = multiprocessing.RawArray("q", self._SLOTS)
+        self._slots[0] = start
+
+    def reset(self, value: int = 0) -> None:
+        """Set the count (e.g. restored from a checkpoint) while no worker is running."""
+        self._slots[:] = [value] + [0] * (self._SLOTS - 1)
+
+    def increment(self) -> None:
+        self._slots[os.getpid() % self._SLOTS] += 1  # one writer per slot, barring pid collisions mod _SLOTS
+
+    @property
+    def value(self) -> int:
+        return int(sum(self._slots))
+
+    def __getstate__(self) -> dict[str, Any]:
+        spawning = multiprocessing.context.get_spawning_popen() is not None
+        return {"shared": self._slots} if spawning else {"start": self.value}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "shared" in state:
+            self._slots = state["shared"]
+        else:
+            self.__init__(state["start"])
+
+
+def collate_skip_none(batch: list) -> Any:
+    """``default_collate`` of the samples that are not ``None`` (skipped images); ``None`` if none is left
+    (Lightning's training loop skips such a batch, eval/predict steps receive it)."""
+    batch = [sample for sample in batch if sample is not None]
+    return default_collate(batch) if batch else None
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from integer ``keys`` (any sign) by ``numpy.random.SeedSequence``: unlike ``seed +
+    epoch``, (seed 0, epoch 1) and (seed 1, epoch 0) get unrelated streams."""
+    return int(np.random.SeedSequence([k % 2**64 for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class EpochSampler(DistributedSampler):
+    """Training sampler whose order and augmentations are a function of ``(seed, epoch)`` alone.
+
+    Each epoch shuffles with a generator seeded from ``(seed, epoch)`` (the same on every rank, which takes its
+    ``rank::num_replicas`` share, padded like ``DistributedSampler``) and yields ``(index, augmentation seed)``
+    pairs, the seed belonging to the index. An epoch therefore replays bit for bit after a resume, with any number
+    of workers. Lightning calls :meth:`set_epoch` every epoch and, this being a ``DistributedSampler``, keeps it
+    under DDP instead of wrapping it.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0, epoch: int = 0, num_replicas: int = 1, rank: int = 0,
+                 shuffle: bool = True) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        n = len(self.dataset)
+        rng = np.random.default_rng(derive_seed(self.seed, self.epoch))
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        aug_seeds = rng.integers(0, 2**63, size=n, dtype=np.int64)
+        order = np.resize(order, self.total_size)[self.rank:self.total_size:self.num_replicas]  # pads by wrapping
+        return zip(order.tolist(), aug_seeds[order].tolist(), strict=True)
+
+
+def seed_worker(worker_id: int, rank: int = 0, sampler: Any = None) -> None:
+    """DataLoader ``worker_init_fn``: own random streams for each worker and rank (forked workers inherit identical
+    albumentations, numpy and Python generators, so would repeat each other's augmentations).
+
+    Seeded from (seed, epoch at worker start, rank, worker id) of a ``sampler`` with ``seed`` and ``epoch``
+    (:class:`EpochSampler`), else from ``info.seed`` (per worker and epoch) and the rank, since ranks usually
+    seed identically.
+    """
+    if (info := get_worker_info()) is None:
+        return
+    if hasattr(sampler, "seed") and hasattr(sampler, "epoch"):
+        seed = derive_seed(sampler.seed, sampler.epoch, rank, worker_id)
+    else:
+        seed = derive_seed(info.seed, rank)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    dataset = info.dataset
+    while not hasattr(dataset, "reseed") and hasattr(dataset, "dataset"):  # unwrap Subset-like wrappers
+        dataset = dataset.dataset
+    if hasattr(dataset, "reseed"):
+        dataset.reseed(seed)
 
 
 def default_num_workers() -> int:
@@ -87,16 +174,13 @@ _ARG_HELP = {
 
 
 def _document_args(**specific: str) -> Callable[[type], type]:
-    """Class decorator: append an ``Args:`` section with one ``name: help`` line per ``__init__`` parameter
-    (``specific``, else the shared help); fails at import if a parameter has none."""
+    """Class decorator appending an ``Args:`` section: one line per ``__init__`` parameter, from ``specific`` or
+    ``_ARG_HELP`` (a parameter without help fails at import with a KeyError)."""
 
     def decorate(cls: type) -> type:
         helps = {**_ARG_HELP, **specific}
-        names = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
-        if missing := [name for name in names if name not in helps]:
-            raise TypeError(f"{cls.__name__}.__init__ arguments without help text: {missing}")
-        args = "\n".join(f"    {name}: {helps[name]}" for name in names)
-        cls.__doc__ = f"{inspect.cleandoc(cls.__doc__ or '')}\n\nArgs:\n{args}\n"
+        args = "".join(f"    {name}: {helps[name]}\n" for name in list(inspect.signature(cls.__init__).parameters)[1:])
+        cls.__doc__ = f"{inspect.cleandoc(cls.__doc__ or '')}\n\nArgs:\n{args}"
         return cls
 
     return decorate
@@ -105,59 +189,39 @@ def _document_args(**specific: str) -> Callable[[type], type]:
 @_document_args()
 class ImageClassificationDataModule(L.LightningDataModule):
     """Common part of the data modules: transform settings, DataLoaders (workers, pinning, reseeding, skipping),
-    epoch-seeded training streams saved in checkpoints.
-
-    Subclasses set ``class_names`` in ``__init__`` and implement :meth:`_make_dataset`.
+    epoch-seeded training streams saved in checkpoints. Subclasses set ``class_names`` in ``__init__`` and
+    implement :meth:`_make_dataset` and :meth:`predict_names`; they save their hyper-parameters without
+    ``model_name``/``img_size``, which are the model's (logged by ImageClassifier: a second, possibly None, copy
+    would clash when Lightning merges the module's and the data module's hyper-parameters).
     """
 
     def __init__(
-        self,
-        img_size: int | tuple[int, int] | None = None,
-        batch_size: int = 64,
-        num_workers: int | None = None,
-        model_name: str | None = None,
-        crop_pct: float | None = None,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-        interpolation: str | None = None,
-        hflip: float = 0.5,
-        rand_augment: bool = True,
-        ra_num_ops: int = 2,
-        ra_magnitude: float = 9.0,
-        random_erasing: float = 0.0,
-        scale: tuple[float, float] = (0.08, 1.0),
-        affine: float = 0.0,
-        fill: int | tuple[int, int, int] | None = None,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        drop_last: bool = True,
-        seed: int = 0,
+        self, img_size: int | tuple[int, int] | None = None, batch_size: int = 64, num_workers: int | None = None,
+        model_name: str | None = None, crop_pct: float | None = None, mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None, interpolation: str | None = None, hflip: float = 0.5,
+        rand_augment: bool = True, ra_num_ops: int = 2, ra_magnitude: float = 9.0, random_erasing: float = 0.0,
+        scale: tuple[float, float] = (0.08, 1.0), affine: float = 0.0, fill: int | tuple[int, int, int] | None = None,
+        pin_memory: bool = True, persistent_workers: bool = True, drop_last: bool = True, seed: int = 0,
     ) -> None:
         super().__init__()
-        num_workers = default_num_workers() if num_workers is None else num_workers
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        if batch_size < 1 or self.num_workers < 0:
+            raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
         self.transform_config: TransformConfig = resolve_transform_config(
             model_name, img_size, crop_pct, mean, std, interpolation)
         self.augment = dict(hflip=hflip, rand_augment=rand_augment, ra_num_ops=ra_num_ops,
                             ra_magnitude=ra_magnitude, random_erasing=random_erasing, scale=tuple(scale),
                             affine=affine, fill=fill)
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
-        self.drop_last = drop_last
+        self.pin_memory, self.persistent_workers, self.drop_last = pin_memory, persistent_workers, drop_last
         self.seed = seed
-        build_transforms(True, **self._transform_kwargs())  # validate the options now, not in a worker
+        self.build_transform(True)  # validates the options now, not in a worker
         self.class_names: list[str] = []
         self._skip_counter = SkipCounter()
         self._datasets: dict[str, Dataset] = {}
         self._epoch = 0
         self._sampler: EpochSampler | None = None  # of the latest train DataLoader
 
-    # -- public attributes ------------------------------------------------------------------------------------
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -168,16 +232,14 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     @property
     def skipped_images(self) -> int:
-        """Running count of unreadable images skipped by this process and all its DataLoader workers (persistent
-        or not, any start method), over all stages; a file skipped in two epochs counts twice. Per rank (sum it
-        over ranks when logging); restored from the checkpoint when a fit resumes."""
+        """Unreadable images skipped by this process and all its DataLoader workers, over all stages (a file
+        skipped in two epochs counts twice); per rank; restored from the checkpoint when a fit resumes."""
         return self._skip_counter.value
 
-    # -- epochs and resuming ----------------------------------------------------------------------------------
     @property
     def epoch(self) -> int:
-        """Epoch whose shuffle and augmentation the train DataLoader produces (Lightning sets it through the
-        sampler's ``set_epoch`` at every epoch start; :meth:`set_epoch` sets it by hand)."""
+        """Epoch whose batches the train DataLoader produces (Lightning sets it through the sampler's
+        ``set_epoch`` every epoch)."""
         return self._sampler.epoch if self._sampler is not None else self._epoch
 
     def set_epoch(self, epoch: int) -> None:
@@ -187,16 +249,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
             self._sampler.set_epoch(self._epoch)
 
     def state_dict(self) -> dict[str, int]:
-        """What Lightning stores in checkpoints: ``seed`` and ``epoch`` of the training streams and the
-        ``skipped_images`` count (plain ints, loadable with ``torch.load(weights_only=True)``)."""
+        """Saved in Lightning checkpoints: ``seed``, ``epoch`` and ``skipped_images`` (plain ints)."""
         return {"seed": self.seed, "epoch": self.epoch, "skipped_images": self.skipped_images}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (Lightning calls this when resuming, before it builds the train DataLoader).
-
-        The checkpoint's seed wins over the configured one, with a warning if they differ, because the resumed
-        epochs must replay the original run's streams.
-        """
+        """Restore :meth:`state_dict` (Lightning does it before building the train DataLoader when resuming). The
+        checkpoint's seed wins over the configured one, with a warning, so the resumed epochs replay the original's."""
         seed = int(state_dict.get("seed", self.seed))
         if seed != self.seed:
             warnings.warn(f"data seed {self.seed} replaced by the checkpoint's {seed} so that the resumed epochs "
@@ -213,18 +271,13 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """Name (file path or stable id) of each predict sample, in the order of the predict batches' indices."""
         raise NotImplementedError
 
-    # -- transforms and datasets ------------------------------------------------------------------------------
-    def _transform_kwargs(self) -> dict:
-        cfg = self.transform_config
-        return dict(img_size=cfg.img_size, crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std,
-                    interpolation=cfg.interpolation, seed=self.seed, **self.augment)
-
     def build_transform(self, train: bool):
         """The albumentations pipeline used for training (``train=True``) or evaluation."""
-        return build_transforms(train, **self._transform_kwargs())
+        cfg = self.transform_config
+        return build_transforms(train, cfg.img_size, cfg.crop_pct, cfg.mean, cfg.std, cfg.interpolation,
+                                seed=self.seed, **self.augment)
 
     def _make_dataset(self, stage: str) -> Dataset:
-        """Dataset of ``stage`` in ``{'train', 'val', 'test', 'predict'}``."""
         raise NotImplementedError
 
     def dataset(self, stage: str) -> Dataset:
@@ -236,39 +289,26 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return self._datasets[stage]
 
     def setup(self, stage: str | None = None) -> None:
-        stages = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-        for name in stages.get(stage or "fit", ("train", "val")):
+        for name in {"validate": ["val"], "test": ["test"], "predict": ["predict"]}.get(stage, ["train", "val"]):
             self.dataset(name)
 
-    # -- loaders ----------------------------------------------------------------------------------------------
     def _loader(self, stage: str) -> DataLoader:
-        dataset = self.dataset(stage)
-        train = stage == "train"
+        dataset, train = self.dataset(stage), stage == "train"
         drop_last = train and self.drop_last
         if drop_last and len(dataset) < self.batch_size:
             warnings.warn(f"training set ({len(dataset)} images) is smaller than one batch ({self.batch_size}); "
                           "keeping the partial batch instead of dropping it", stacklevel=3)
             drop_last = False
-        workers = self.num_workers > 0
-        trainer = self.trainer
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = None
-        if train:
-            # a DistributedSampler already: Lightning keeps it under DDP rather than wrapping it
-            sampler = self._sampler = EpochSampler(dataset, self.seed, self.epoch, world_size, rank)
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        sampler = self._sampler = EpochSampler(dataset, self.seed, self.epoch, world_size, rank) if train else None
         return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
+            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last, num_workers=self.num_workers,
             collate_fn=collate_skip_none,
             pin_memory=self.pin_memory and torch.cuda.is_available(),  # pinning without CUDA only warns
-            persistent_workers=self.persistent_workers and workers,
-            worker_init_fn=functools.partial(seed_worker, rank=rank, sampler=sampler) if workers else None,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            worker_init_fn=functools.partial(seed_worker, rank=rank, sampler=sampler) if self.num_workers else None,
             # every DataLoader iteration draws a base seed: from its own generator, not the global torch RNG
-            generator=torch.Generator().manual_seed(derive_seed(self.seed, rank)),
-        )
+            generator=torch.Generator().manual_seed(derive_seed(self.seed, rank)))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
@@ -283,125 +323,5 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return self._loader("predict")
 
 
-@_document_args()
-class ImageFolderDataModule(ImageClassificationDataModule):
-    """Image classification data in the ImageNet folder layout (``root/train/<class>/*.JPEG``,
-    ``root/val/<class>/*.JPEG``), with albumentations transforms.
-
-    Class order is the sorted train class folder names. Every train class folder needs at least one image
-    (checked here, at construction); val/test need the same class folders, which may be empty. Preprocessing
-    (input size, mean/std, crop_pct, interpolation) comes from timm's pretrained cfg of ``model_name`` unless given.
-    ``predict_root`` replaces ``predict_split``. Unreadable images are skipped with a warning and counted in
-    :attr:`skipped_images`.
-    """
-
-    def __init__(
-        self,
-        root: str,
-        img_size: int | tuple[int, int] | None = None,
-        batch_size: int = 64,
-        num_workers: int | None = None,
-        model_name: str | None = None,
-        crop_pct: float | None = None,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-        interpolation: str | None = None,
-        train_split: str = "train",
-        val_split: str = "val",
-        test_split: str | None = None,
-        predict_split: str | None = None,
-        predict_root: str | None = None,
-        hflip: float = 0.5,
-        rand_augment: bool = True,
-        ra_num_ops: int = 2,
-        ra_magnitude: float = 9.0,
-        random_erasing: float = 0.0,
-        scale: tuple[float, float] = (0.08, 1.0),
-        affine: float = 0.0,
-        fill: int | tuple[int, int, int] | None = None,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        drop_last: bool = True,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(img_size=img_size, batch_size=batch_size, num_workers=num_workers, model_name=model_name,
-                         crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation, hflip=hflip,
-                         rand_augment=rand_augment, ra_num_ops=ra_num_ops, ra_magnitude=ra_magnitude,
-                         random_erasing=random_erasing, scale=scale, affine=affine, fill=fill,
-                         pin_memory=pin_memory,
-                         persistent_workers=persistent_workers, drop_last=drop_last, seed=seed)
-        # model_name/img_size are the model's: logged by ImageClassifier, and a second (possibly None) copy here
-        # would clash when Lightning merges the module's and the data module's hyper-parameters
-        self.save_hyperparameters(ignore=["model_name", "img_size"])
-        self.root = Path(root).expanduser()
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"dataset root {self.root} does not exist or is not a folder.\n{LAYOUT_HELP}")
-        self.splits = {"train": train_split, "val": val_split, "test": test_split or val_split,
-                       "predict": predict_split or val_split}
-        self.predict_root = Path(predict_root).expanduser() if predict_root is not None else None
-        # Class names come from the train split (listdir only: cheap even for ImageNet, and needed right away
-        # because the CLI links data.num_classes -> model.num_classes); a machine that only evaluates may lack
-        # the train split, then the val split names the classes.
-        train_dir, val_dir = self.root / train_split, self.root / val_split
-        if train_dir.is_dir():
-            self.class_names = find_class_names(train_dir)
-            empty_class_folders(train_dir, self.class_names)  # raises naming them: the first place they show
-        elif val_dir.is_dir():
-            self.class_names = find_class_names(val_dir)
-        else:
-            raise FileNotFoundError(f"dataset root {self.root} has neither a {train_split!r} nor a {val_split!r} "
-                                    f"split folder (found: {sorted(p.name for p in self.root.iterdir())[:10]}).\n"
-                                    f"{LAYOUT_HELP}")
-        for stage in ("val", "test"):
-            split_dir = self.root / self.splits[stage]
-            if split_dir.is_dir():
-                self._check_classes(split_dir)
-        self._predict_names: list[str] | None = None
-
-    def _check_classes(self, split_dir: Path) -> None:
-        names = find_class_names(split_dir)
-        if names != self.class_names:
-            missing = sorted(set(self.class_names) - set(names))
-            extra = sorted(set(names) - set(self.class_names))
-            raise ValueError(
-                f"class folders of {split_dir} differ from those of {self.root / self.splits['train']}: "
-                f"{len(missing)} missing {missing[:10]}, {len(extra)} unexpected {extra[:10]}. Every split needs "
-                f"the same class folders; a val/test class folder may be empty, a train class folder may not."
-                f"\n{LAYOUT_HELP}")
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit"):
-            # training without a val split is allowed (e.g. limit_val_batches=0): scan val only if it exists
-            self.dataset("train")
-            if (self.root / self.splits["val"]).is_dir():
-                self.dataset("val")
-        else:
-            super().setup(stage)
-
-    def _make_dataset(self, stage: str) -> Dataset:
-        if stage == "predict" and self.predict_root is not None:
-            paths = list_images(self.predict_root)
-            index = {name: i for i, name in enumerate(self.class_names)}
-            samples = [(p, index.get(Path(p).parent.name, -1) if Path(p).parent != self.predict_root else -1)
-                       for p in paths]
-        else:
-            split_dir = self.root / self.splits[stage]
-            if stage != "train":
-                self._check_classes(split_dir)  # raises FileNotFoundError with the layout if it is missing
-            elif not split_dir.is_dir():
-                raise FileNotFoundError(f"train split folder {split_dir} does not exist.\n{LAYOUT_HELP}")
-            samples = scan_split(split_dir, self.class_names, require_all=stage == "train")
-        if stage == "predict":
-            self._predict_names = [path for path, _ in samples]
-        return ImageFileDataset(samples, self.build_transform(stage == "train"), return_index=stage == "predict",
-                                skip_counter=self._skip_counter)
-
-    def predict_names(self) -> list[str]:
-        if self._predict_names is None:
-            self.dataset("predict")
-        return list(self._predict_names)
-
-
-@_document_args()
-class ImageNetDataModule(ImageFolderDataModule):
-    """:class:`ImageFolderDataModule` under the name of its main use (ImageNet-1k in the standard layout)."""
+# the arguments that subclasses pass on to ImageClassificationDataModule.__init__ (from their locals())
+_BASE_ARGS = frozenset(list(inspect.signature(ImageClassificationDataModule.__init__).parameters)[1:])

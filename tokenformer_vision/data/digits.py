@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from .datamodule import ImageClassificationDataModule, _document_args
+from .datamodule import _BASE_ARGS, ImageClassificationDataModule, _document_args
 from .folder import ArrayDataset
 from .transforms import interpolation_flag
 
@@ -29,8 +29,8 @@ def split_digits(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[n
 
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    indices = np.arange(len(targets))
-    train_idx, val_idx = train_test_split(indices, test_size=val_fraction, stratify=targets, random_state=seed)
+    train_idx, val_idx = train_test_split(np.arange(len(targets)), test_size=val_fraction, stratify=targets,
+                                          random_state=seed)
     return np.sort(train_idx), np.sort(val_idx)
 
 
@@ -47,59 +47,31 @@ def split_digits(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[n
 class DigitsDataModule(ImageClassificationDataModule):
     """scikit-learn's digits as a 10-class image dataset (class names ``"0"`` .. ``"9"``).
 
-    A stratified ``val_fraction`` of the images (seeded by ``seed``) is held out for validation; test and predict
-    use that same held-out set. The 8×8 images are upscaled once to ``img_size`` (``interpolation``) so that crops
-    and affines act on a fine grid. Augmentation defaults are mild and flip-free (digits are not mirror
-    symmetric): RandomResizedCrop scale (0.7, 1) and a small affine that fills with black (the background).
-    ``mean``/``std`` default to the pixel statistics of the training images.
+    A stratified ``val_fraction`` (seeded by ``seed``) is held out for validation, test and predict. The 8×8 images
+    are upscaled once to ``img_size`` so that crops and affines act on a fine grid. Augmentation is mild and
+    flip-free (digits are not mirror symmetric).
     """
 
     def __init__(
-        self,
-        img_size: int | tuple[int, int] | None = 32,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        val_fraction: float = 0.2,
-        seed: int = 0,
-        model_name: str | None = None,
-        crop_pct: float | None = 1.0,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-        interpolation: str | None = "bilinear",
-        hflip: float = 0.0,
-        rand_augment: bool = False,
-        ra_num_ops: int = 2,
-        ra_magnitude: float = 5.0,
-        random_erasing: float = 0.0,
-        scale: tuple[float, float] = (0.7, 1.0),
-        affine: float = 0.5,
-        fill: int | tuple[int, int, int] | None = 0,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        drop_last: bool = True,
+        self, img_size: int | tuple[int, int] | None = 32, batch_size: int = 64, num_workers: int = 0,
+        val_fraction: float = 0.2, seed: int = 0, model_name: str | None = None, crop_pct: float | None = 1.0,
+        mean: tuple[float, float, float] | None = None, std: tuple[float, float, float] | None = None,
+        interpolation: str | None = "bilinear", hflip: float = 0.0, rand_augment: bool = False, ra_num_ops: int = 2,
+        ra_magnitude: float = 5.0, random_erasing: float = 0.0, scale: tuple[float, float] = (0.7, 1.0),
+        affine: float = 0.5, fill: int | tuple[int, int, int] | None = 0, pin_memory: bool = True,
+        persistent_workers: bool = True, drop_last: bool = True,
     ) -> None:
-        images, targets = load_digits_rgb()
-        self.train_indices, self.val_indices = split_digits(targets, val_fraction, seed)
-        if mean is None or std is None:
-            # statistics of the training pixels (all channels equal) so the default input is standardised
-            pixels = images[self.train_indices, ..., 0].astype(np.float64) / 255.0
-            mean = mean if mean is not None else (float(pixels.mean()),) * 3
-            std = std if std is not None else (float(pixels.std()),) * 3
-        super().__init__(img_size=img_size, batch_size=batch_size, num_workers=num_workers, model_name=model_name,
-                         crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation, hflip=hflip,
-                         rand_augment=rand_augment, ra_num_ops=ra_num_ops, ra_magnitude=ra_magnitude,
-                         random_erasing=random_erasing, scale=scale, affine=affine, fill=fill,
-                         pin_memory=pin_memory,
-                         persistent_workers=persistent_workers, drop_last=drop_last, seed=seed)
-        # model_name/img_size are the model's: logged by ImageClassifier, and a second (possibly None) copy here
-        # would clash when Lightning merges the module's and the data module's hyper-parameters
+        images, self.targets = load_digits_rgb()
+        self.train_indices, self.val_indices = split_digits(self.targets, val_fraction, seed)
+        pixels = images[self.train_indices, ..., 0] / 255.0  # all channels equal
+        mean = mean if mean is not None else (float(pixels.mean()),) * 3
+        std = std if std is not None else (float(pixels.std()),) * 3
+        super().__init__(**{name: value for name, value in locals().items() if name in _BASE_ARGS})
         self.save_hyperparameters(ignore=["model_name", "img_size"])
         self.val_fraction = val_fraction
         self.class_names = [str(i) for i in range(10)]
-        size = max(self.transform_config.img_size)
-        flag = interpolation_flag(self.transform_config.interpolation)
+        size, flag = max(self.img_size), interpolation_flag(self.transform_config.interpolation)
         self.images = np.stack([cv2.resize(img, (size, size), interpolation=flag) for img in images])
-        self.targets = targets
 
     def _make_dataset(self, stage: str) -> Dataset:
         idx = self.train_indices if stage == "train" else self.val_indices

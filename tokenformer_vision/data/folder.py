@@ -1,41 +1,23 @@
-"""Image-folder scanning, robust decoding, datasets that skip unreadable images, and DataLoader helpers
-(collate that drops skipped samples, an epoch-seeded training sampler, per-worker reseeding)."""
+"""ImageNet-layout image folders: scanning, decoding, datasets that skip unreadable images, and the DataModules."""
 
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.context
 import os
-import random
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import Dataset, DistributedSampler, default_collate, get_worker_info
+from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
+from .datamodule import _BASE_ARGS, ImageClassificationDataModule, SkipCounter, _document_args
 from .transforms import reseed_transform
 
-__all__ = [
-    "IMG_EXTENSIONS",
-    "LAYOUT_HELP",
-    "ArrayDataset",
-    "EpochSampler",
-    "ImageFileDataset",
-    "SkipCounter",
-    "collate_skip_none",
-    "derive_seed",
-    "empty_class_folders",
-    "find_class_names",
-    "list_images",
-    "load_rgb",
-    "scan_split",
-    "seed_worker",
-]
+__all__ = ["ArrayDataset", "ImageFileDataset", "ImageFolderDataModule", "ImageNetDataModule", "empty_class_folders",
+           "find_class_names", "list_images", "load_rgb", "scan_split"]
 
 LAYOUT_HELP = (
     "Expected the ImageNet folder layout:\n"
@@ -46,61 +28,49 @@ LAYOUT_HELP = (
 
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file to an RGB ``uint8 [H, W, 3]`` array (grayscale, CMYK, palette, RGBA -> RGB).
-
-    16-bit grayscale (PIL modes ``I;16*``, and ``I`` read as 0..65535) is scaled to 0..255 (``round(v / 257)``).
-    """
+    """Decode an image file to RGB ``uint8 [H, W, 3]`` (alpha dropped, like torchvision/timm); 16-bit grayscale
+    (PIL modes ``I;16*`` and ``I``, 0..65535) is scaled to 0..255 (``round(v / 257)``)."""
     with Image.open(path) as img:
-        if img.mode.startswith("I"):
-            # PIL's convert("RGB") clips these to 255 instead of scaling them
+        if img.mode.startswith("I"):  # PIL's convert("RGB") clips these to 255 instead of scaling them
             grey = np.round(np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0).astype(np.uint8)
             return np.repeat(grey[..., None], 3, axis=2)
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
-        if img.mode != "RGB":
-            img = img.convert("RGB")  # also decodes; alpha is dropped like torchvision/timm do
-        return np.asarray(img, dtype=np.uint8)  # forces the decode inside the `with`
-
-
-def _visible_dirs(path: Path) -> list[str]:
-    # hidden folders (.ipynb_checkpoints, .DS_Store dirs, ...) are never classes
-    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)  # decodes in the `with`
 
 
 def find_class_names(split_dir: str | os.PathLike) -> list[str]:
-    """Sorted class folder names of one split; raises with the expected layout if there are none."""
-    split_dir = Path(split_dir)
-    if not split_dir.is_dir():
+    """Sorted class folder names of one split (hidden folders are never classes); raises with the expected layout
+    if the split or its class folders are missing."""
+    if not Path(split_dir).is_dir():
         raise FileNotFoundError(f"split folder {split_dir} does not exist.\n{LAYOUT_HELP}")
-    names = _visible_dirs(split_dir)
-    if not names:
+    if not (names := sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))):
         raise ValueError(f"split folder {split_dir} has no class sub-folders.\n{LAYOUT_HELP}")
     return names
 
 
-def _has_image(folder: str) -> bool:
-    # stops at the first image, so checking every ImageNet class folder costs one directory read each
-    for _, _, filenames in os.walk(folder, followlinks=True):  # the same walk as torchvision's make_dataset
-        if any(f.lower().endswith(IMG_EXTENSIONS) for f in filenames):
-            return True
-    return False
+def _check_empty_classes(split_dir: str | os.PathLike, class_names: Sequence[str], empty: list[str],
+                         strict: bool) -> None:
+    """Raise if every class folder is ``empty`` or (``strict``, for train) some is; otherwise warn about them."""
+    if empty and len(empty) == len(class_names):
+        raise ValueError(f"split folder {split_dir} contains no images.\n{LAYOUT_HELP}")
+    message = f"{len(empty)} class folder(s) of {split_dir} contain no images: {empty[:10]}"
+    if empty and strict:
+        raise ValueError(f"{message}. Every train class folder needs at least one image: add images or remove the "
+                         f"folder.\n{LAYOUT_HELP}")
+    if empty:
+        warnings.warn(message, stacklevel=3)
 
 
 def empty_class_folders(split_dir: str | os.PathLike, class_names: Sequence[str], raise_error: bool = True
                         ) -> list[str]:
-    """Class folders of ``split_dir`` without any image (searched recursively).
-
-    ``raise_error``: raise ``ValueError`` naming them instead (a train split needs images in every class; the
-    message says "contains no images" when the whole split is empty).
-    """
-    split_dir = Path(split_dir)
-    empty = [name for name in class_names if not _has_image(str(split_dir / name))]
-    if empty and raise_error:
-        if len(empty) == len(class_names):
-            raise ValueError(f"split folder {split_dir} contains no images.\n{LAYOUT_HELP}")
-        raise ValueError(f"{len(empty)} class folder(s) of {split_dir} contain no images: {empty[:10]}. Every "
-                         f"train class folder needs at least one image: add images or remove the folder.\n"
-                         f"{LAYOUT_HELP}")
+    """Class folders of ``split_dir`` without any image (searched recursively, stopping at the first image: about
+    one directory read per ImageNet class); ``raise_error``: raise ``ValueError`` naming them instead."""
+    empty = [name for name in class_names  # the walk of torchvision's make_dataset
+             if not any(any(f.lower().endswith(IMG_EXTENSIONS) for f in files)
+                        for _, _, files in os.walk(Path(split_dir, name), followlinks=True))]
+    if raise_error:
+        _check_empty_classes(split_dir, class_names, empty, strict=True)
     return empty
 
 
@@ -108,125 +78,46 @@ def scan_split(split_dir: str | os.PathLike, class_names: Sequence[str], require
                ) -> list[tuple[str, int]]:
     """``(path, class index)`` of every image under ``split_dir/<class>/`` (recursively), in sorted order.
 
-    Raises ``ValueError`` if the split holds no images, or (``require_all``) if some class folder is empty (see
-    :func:`empty_class_folders`); otherwise empty class folders only warn.
+    Raises ``ValueError`` if the split holds no images or (``require_all``) if a class folder is empty; otherwise
+    empty class folders warn.
     """
-    split_dir = Path(split_dir)
-    class_to_idx = {name: i for i, name in enumerate(class_names)}
-    samples = make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    samples = make_dataset(str(split_dir), {name: i for i, name in enumerate(class_names)}, IMG_EXTENSIONS,
+                           allow_empty=True)
     counts = np.bincount([t for _, t in samples], minlength=len(class_names))
-    empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
-    if empty and (require_all or not samples):
-        empty_class_folders(split_dir, class_names)  # raises with the same message as the up-front check
-    if empty:
-        warnings.warn(f"{len(empty)} class folder(s) of {split_dir} contain no images: {empty[:10]}", stacklevel=2)
+    _check_empty_classes(split_dir, class_names, [class_names[i] for i in np.flatnonzero(counts == 0)], require_all)
     return samples
 
 
 def list_images(root: str | os.PathLike) -> list[str]:
     """Every image file under ``root`` (recursively, symlinks followed, hidden folders skipped), sorted by path."""
-    root = Path(root)
-    if not root.is_dir():
+    if not Path(root).is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     files = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS)]
-    files.sort()
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        files += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMG_EXTENSIONS)]
     if not files:
         raise ValueError(f"image folder {root} contains no images (extensions {', '.join(IMG_EXTENSIONS)})")
-    return files
+    return sorted(files)
 
 
-class SkipCounter:
-    """Count of skipped (unreadable) images, shared by the main process and its DataLoader workers.
+class ImageFileDataset(Dataset):
+    """Images from ``(path, target)`` pairs through an albumentations ``transform``; items are ``(image,
+    target)``, plus the index with ``return_index``. An unreadable file yields ``None`` (dropped by
+    :func:`collate_skip_none`) with a warning and bumps ``skip_counter``; it never stops an epoch."""
 
-    Backed by shared memory that DataLoader workers inherit (fork) or receive while being spawned (any start
-    method), persistent or not. Lock-free: each process adds to its own slot (by pid) and reading sums the slots.
-    Pickled in any other context (a deepcopy, a checkpoint), it degrades to a new local counter starting at the
-    current value instead of failing like a bare ``multiprocessing.Value`` would.
-    """
-
-    _SLOTS = 1024
-
-    def __init__(self, start: int = 0) -> None:
-        # RawArray has no SemLock, so it can also be handed to workers of another start method (spawn/forkserver)
-        self._slots = multiprocessing.RawArray("q", self._SLOTS)
-        self._slots[0] = start
-
-    def reset(self, value: int = 0) -> None:
-        """Set the count (e.g. restored from a checkpoint); call it while no worker is running."""
-        self._slots[:] = [value] + [0] * (self._SLOTS - 1)
-
-    def increment(self) -> None:
-        # one writer per slot (barring pid collisions mod _SLOTS between simultaneously failing processes)
-        self._slots[os.getpid() % self._SLOTS] += 1
-
-    @property
-    def value(self) -> int:
-        return int(sum(self._slots))
-
-    def __getstate__(self) -> dict[str, Any]:
-        if multiprocessing.context.get_spawning_popen() is not None:
-            return {"shared": self._slots}
-        return {"start": self.value}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if "shared" in state:
-            self._slots = state["shared"]
-        else:
-            self.__init__(state["start"])
-
-
-class _AugmentedDataset(Dataset):
-    """Shared logic: decode (or fetch) an RGB image, skip it if unreadable, apply the albumentations pipeline."""
-
-    def __init__(self, transform: Callable | None, return_index: bool, skip_counter: SkipCounter | None) -> None:
-        self.transform = transform
-        self.return_index = return_index
-        self.skip_counter = skip_counter if skip_counter is not None else SkipCounter()
-
-    def reseed(self, seed: int) -> None:
-        """New random stream for the augmentation pipeline (called in each DataLoader worker)."""
-        if self.transform is not None and hasattr(self.transform, "set_random_state"):
-            reseed_transform(self.transform, seed)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple | None:
-        """Sample ``key``: an index, or ``(index, augmentation seed)`` from :class:`EpochSampler`, which reseeds
-        the pipeline first so that the sample's augmentation depends on nothing else (worker, worker count,
-        what the worker processed before)."""
-        if isinstance(key, tuple):
-            key, seed = key
-            self.reseed(seed)
-        image = self._load(key)
-        if image is None:
-            return None
-        if self.transform is not None:
-            image = self.transform(image=image)["image"]
-        target = int(self._target(key))
-        return (image, target, key) if self.return_index else (image, target)
-
-    def _load(self, index: int) -> np.ndarray | None:
-        raise NotImplementedError
-
-    def _target(self, index: int) -> int:
-        raise NotImplementedError
-
-
-class ImageFileDataset(_AugmentedDataset):
-    """Images from ``(path, target)`` pairs. An unreadable file yields ``None`` (dropped by
-    :func:`collate_skip_none`) with a warning, and bumps ``skip_counter``; it never stops an epoch."""
-
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None = None,
+    def __init__(self, samples: Sequence[tuple[Any, int]], transform: Callable | None = None,
                  return_index: bool = False, skip_counter: SkipCounter | None = None) -> None:
-        super().__init__(transform, return_index, skip_counter)
-        self.samples = list(samples)
+        self.samples, self.transform, self.return_index = list(samples), transform, return_index
+        self.skip_counter = skip_counter if skip_counter is not None else SkipCounter()
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _target(self, index: int) -> int:
-        return self.samples[index][1]
+    def reseed(self, seed: int) -> None:
+        """New random stream for the augmentation pipeline (in each DataLoader worker, and per sample)."""
+        if hasattr(self.transform, "set_random_state"):
+            reseed_transform(self.transform, seed)
 
     def _load(self, index: int) -> np.ndarray | None:
         path = self.samples[index][0]
@@ -237,93 +128,117 @@ class ImageFileDataset(_AugmentedDataset):
             warnings.warn(f"skipping unreadable image {path}: {type(exc).__name__}: {exc}", stacklevel=1)
             return None
 
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple | None:
+        """``key``: an index, or ``(index, augmentation seed)`` from :class:`EpochSampler`, which reseeds the
+        pipeline first so that the augmentation does not depend on the worker or on what it processed before."""
+        if isinstance(key, tuple):
+            key, seed = key
+            self.reseed(seed)
+        if (image := self._load(key)) is None:
+            return None
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        target = int(self.samples[key][1])
+        return (image, target, key) if self.return_index else (image, target)
 
-class ArrayDataset(_AugmentedDataset):
-    """In-memory RGB ``uint8 [N, H, W, 3]`` images with integer targets."""
+
+class ArrayDataset(ImageFileDataset):
+    """In-memory RGB ``uint8 [N, H, W, 3]`` images with integer targets (``samples``: ``(index, target)``)."""
 
     def __init__(self, images: np.ndarray, targets: Sequence[int], transform: Callable | None = None,
                  return_index: bool = False) -> None:
-        super().__init__(transform, return_index, None)
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
         if len(images) != len(targets):
             raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        super().__init__(enumerate(np.asarray(targets, dtype=np.int64)), transform, return_index)
         self.images = images
-        self.targets = np.asarray(targets, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def _target(self, index: int) -> int:
-        return self.targets[index]
 
     def _load(self, index: int) -> np.ndarray:
         return self.images[index]
 
 
-def collate_skip_none(batch: list) -> Any:
-    """``default_collate`` without the ``None`` samples of skipped images; ``None`` if the whole batch was
-    skipped (Lightning's training loop skips a ``None`` batch itself; eval/predict steps receive it)."""
-    batch = [sample for sample in batch if sample is not None]
-    return default_collate(batch) if batch else None
+@_document_args()
+class ImageFolderDataModule(ImageClassificationDataModule):
+    """Image classification data in the ImageNet folder layout (``root/train/<class>/*.JPEG``,
+    ``root/val/<class>/*.JPEG``), with albumentations transforms.
 
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed mixed from integer ``keys`` (any sign) by ``numpy.random.SeedSequence``: unlike ``seed +
-    epoch``, (seed 0, epoch 1) and (seed 1, epoch 0) get unrelated streams."""
-    return int(np.random.SeedSequence([k % 2**64 for k in keys]).generate_state(1, np.uint64)[0] >> 1)
-
-
-class EpochSampler(DistributedSampler):
-    """Training sampler whose order and augmentations are a function of ``(seed, epoch)`` alone.
-
-    Each epoch it shuffles the indices with a generator seeded from ``(seed, epoch)`` (the same on every rank, which
-    then takes its ``rank::num_replicas`` share, padded like ``DistributedSampler``) and yields ``(index,
-    augmentation seed)`` pairs; the datasets of this package reseed their pipeline from the second item. A run
-    that sets the same epoch therefore replays that epoch's batches bit for bit — after a resume, with any number
-    of DataLoader workers (and each sample's augmentation does not depend on the number of ranks either).
-
-    Lightning calls :meth:`set_epoch` at the start of every epoch (``epoch_progress``, also after a resume), and
-    being a ``DistributedSampler`` it is kept as is under DDP instead of being wrapped.
+    Classes are the sorted train class folder names. Every train class folder needs an image (checked here, at
+    construction); val/test need the same class folders, which may be empty. Preprocessing comes from timm's
+    pretrained cfg of ``model_name`` unless given. ``predict_root`` replaces ``predict_split``.
     """
 
-    def __init__(self, dataset: Dataset, seed: int = 0, epoch: int = 0, num_replicas: int = 1, rank: int = 0,
-                 shuffle: bool = True) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
-        self.epoch = epoch
+    def __init__(
+        self, root: str, img_size: int | tuple[int, int] | None = None, batch_size: int = 64,
+        num_workers: int | None = None, model_name: str | None = None, crop_pct: float | None = None,
+        mean: tuple[float, float, float] | None = None, std: tuple[float, float, float] | None = None,
+        interpolation: str | None = None, train_split: str = "train", val_split: str = "val",
+        test_split: str | None = None, predict_split: str | None = None, predict_root: str | None = None,
+        hflip: float = 0.5, rand_augment: bool = True, ra_num_ops: int = 2, ra_magnitude: float = 9.0,
+        random_erasing: float = 0.0, scale: tuple[float, float] = (0.08, 1.0), affine: float = 0.0,
+        fill: int | tuple[int, int, int] | None = None, pin_memory: bool = True, persistent_workers: bool = True,
+        drop_last: bool = True, seed: int = 0,
+    ) -> None:
+        super().__init__(**{name: value for name, value in locals().items() if name in _BASE_ARGS})
+        self.save_hyperparameters(ignore=["model_name", "img_size"])
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"dataset root {self.root} does not exist or is not a folder.\n{LAYOUT_HELP}")
+        self.splits = {"train": train_split, "val": val_split, "test": test_split or val_split,
+                       "predict": predict_split or val_split}
+        self.predict_root = Path(predict_root).expanduser() if predict_root is not None else None
+        # Class names are needed right away (the CLI links data.num_classes -> model.num_classes): listdir of the
+        # train split (cheap even for ImageNet), else of val on a machine that only evaluates.
+        train_dir, val_dir = self.root / train_split, self.root / val_split
+        if not (train_dir.is_dir() or val_dir.is_dir()):
+            raise FileNotFoundError(f"dataset root {self.root} has neither a {train_split!r} nor a {val_split!r} "
+                                    f"split folder (found: {sorted(p.name for p in self.root.iterdir())[:10]}).\n"
+                                    f"{LAYOUT_HELP}")
+        self.class_names = find_class_names(train_dir if train_dir.is_dir() else val_dir)
+        if train_dir.is_dir():
+            empty_class_folders(train_dir, self.class_names)  # raises naming them: the first place they show
+        for stage in ("val", "test"):
+            if (self.root / self.splits[stage]).is_dir():
+                self._check_classes(stage)
+        self._predict_names: list[str] | None = None
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        n = len(self.dataset)
-        rng = np.random.default_rng(derive_seed(self.seed, self.epoch))
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
-        aug_seeds = rng.integers(0, 2**63, size=n, dtype=np.int64)  # keyed by dataset index
-        if self.total_size > n:  # pad with the first indices so every rank gets num_samples (DistributedSampler)
-            order = np.resize(order, self.total_size)
-        order = order[self.rank:self.total_size:self.num_replicas]
-        return zip(order.tolist(), aug_seeds[order].tolist(), strict=True)
+    def _check_classes(self, stage: str) -> Path:
+        split_dir = self.root / self.splits[stage]
+        names = find_class_names(split_dir)  # raises FileNotFoundError with the layout if the split is missing
+        if names != self.class_names:
+            missing, extra = sorted(set(self.class_names) - set(names)), sorted(set(names) - set(self.class_names))
+            raise ValueError(
+                f"class folders of {split_dir} differ from those of {self.root / self.splits['train']}: "
+                f"{len(missing)} missing {missing[:10]}, {len(extra)} unexpected {extra[:10]}. Every split needs "
+                f"the same class folders; a val/test class folder may be empty, a train class folder may not."
+                f"\n{LAYOUT_HELP}")
+        return split_dir
+
+    def setup(self, stage: str | None = None) -> None:
+        # training without a val split is allowed (e.g. limit_val_batches=0): fit scans val only if it exists
+        if stage in (None, "fit") and not (self.root / self.splits["val"]).is_dir():
+            self.dataset("train")
+        else:
+            super().setup(stage)
+
+    def _make_dataset(self, stage: str) -> Dataset:
+        if stage == "predict" and self.predict_root is not None:
+            index = {name: i for i, name in enumerate(self.class_names)}
+            samples = [(p, index.get(Path(p).parent.name, -1) if Path(p).parent != self.predict_root else -1)
+                       for p in list_images(self.predict_root)]
+        else:
+            samples = scan_split(self._check_classes(stage), self.class_names, require_all=stage == "train")
+        if stage == "predict":
+            self._predict_names = [path for path, _ in samples]
+        return ImageFileDataset(samples, self.build_transform(stage == "train"), return_index=stage == "predict",
+                                skip_counter=self._skip_counter)
+
+    def predict_names(self) -> list[str]:
+        if self._predict_names is None:
+            self.dataset("predict")
+        return list(self._predict_names)
 
 
-def seed_worker(worker_id: int, rank: int = 0, sampler: Any = None) -> None:
-    """DataLoader ``worker_init_fn``: give each worker (and each distributed rank) its own random streams.
-
-    Forked workers inherit identical copies of the albumentations generators (and of numpy's / Python's global
-    state), so without this every worker would apply the same augmentation sequence. With a ``sampler`` that has
-    ``seed`` and ``epoch`` (:class:`EpochSampler`) the streams derive from (seed, epoch at worker start, rank,
-    worker id), else from ``info.seed`` (per worker and per epoch, following ``torch.manual_seed`` in the main
-    process) and the rank, which is mixed in because every rank usually seeds identically.
-    """
-    info = get_worker_info()
-    if info is None:
-        return
-    if hasattr(sampler, "seed") and hasattr(sampler, "epoch"):
-        seed = derive_seed(sampler.seed, sampler.epoch, rank, worker_id)
-    else:
-        seed = derive_seed(info.seed, rank)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-    torch.manual_seed(seed)
-    dataset = info.dataset
-    while not hasattr(dataset, "reseed") and hasattr(dataset, "dataset"):  # unwrap Subset-like wrappers
-        dataset = dataset.dataset
-    if hasattr(dataset, "reseed"):
-        dataset.reseed(seed)
+@_document_args()
+class ImageNetDataModule(ImageFolderDataModule):
+    """:class:`ImageFolderDataModule` under the name of its main use (ImageNet-1k in the standard layout)."""

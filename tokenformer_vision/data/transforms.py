@@ -1,11 +1,9 @@
-"""Image transforms on albumentations 2.0.8 (train: random-resized-crop + flip + RandAugment-like policy;
-eval: resize the shorter side to ``img_size / crop_pct`` then centre-crop), with timm-compatible data configs.
-
-Images enter as RGB ``uint8`` numpy arrays ``[H, W, 3]`` and leave as normalised ``float32`` tensors ``[3, H, W]``.
-"""
+"""albumentations transforms: RGB ``uint8 [H, W, 3]`` numpy arrays in, normalised ``float32 [3, H, W]`` tensors out;
+preprocessing settings from timm's pretrained cfgs."""
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Sequence
@@ -17,45 +15,25 @@ import numpy as np
 from albumentations.pytorch import ToTensorV2
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-__all__ = [
-    "TransformConfig",
-    "build_transforms",
-    "interpolation_flag",
-    "rand_augment_policy",
-    "reseed_transform",
-    "resolve_transform_config",
-]
+__all__ = ["TransformConfig", "build_transforms", "interpolation_flag", "rand_augment_policy", "reseed_transform",
+           "resolve_transform_config"]
 
-# timm / PIL interpolation names -> OpenCV flags. timm's "random" picks bilinear or bicubic per image; a fixed
-# bilinear is the closest deterministic choice.
-_INTERPOLATIONS = {
-    "nearest": cv2.INTER_NEAREST,
-    "bilinear": cv2.INTER_LINEAR,
-    "linear": cv2.INTER_LINEAR,
-    "bicubic": cv2.INTER_CUBIC,
-    "cubic": cv2.INTER_CUBIC,
-    "area": cv2.INTER_AREA,
-    "box": cv2.INTER_AREA,
-    "lanczos": cv2.INTER_LANCZOS4,
-    "random": cv2.INTER_LINEAR,
-}
+# timm / PIL interpolation names -> OpenCV flags; timm's "random" (bilinear or bicubic per image) becomes bilinear
+_INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "linear": cv2.INTER_LINEAR,
+                   "bicubic": cv2.INTER_CUBIC, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA,
+                   "box": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4, "random": cv2.INTER_LINEAR}
 
 
 def interpolation_flag(name: str) -> int:
     """OpenCV interpolation flag for a timm/PIL interpolation name (``'bicubic'``, ``'bilinear'``, ...)."""
-    try:
-        return _INTERPOLATIONS[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown interpolation {name!r}; expected one of {sorted(_INTERPOLATIONS)}") from None
+    if name.lower() not in _INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {name!r}; expected one of {sorted(_INTERPOLATIONS)}")
+    return _INTERPOLATIONS[name.lower()]
 
 
 def _size_hw(img_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(img_size, int):
-        size = (img_size, img_size)
-    else:
-        size = tuple(int(s) for s in img_size)
-        if len(size) == 3:  # timm's (C, H, W) input_size
-            size = size[1:]
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
+    size = size[1:] if len(size) == 3 else size  # timm's (C, H, W) input_size
     if len(size) != 2 or min(size) <= 0:
         raise ValueError(f"img_size must be a positive int or (height, width), got {img_size!r}")
     return size  # type: ignore[return-value]
@@ -72,20 +50,13 @@ class TransformConfig:
     interpolation: str
 
 
-def resolve_transform_config(
-    model_name: str | None = None,
-    img_size: int | Sequence[int] | None = None,
-    crop_pct: float | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    interpolation: str | None = None,
-    default_img_size: int = 224,
-) -> TransformConfig:
-    """Preprocessing settings: explicit arguments, else the timm pretrained cfg of ``model_name``, else ImageNet
-    defaults (224², crop 0.875, bicubic, ImageNet mean/std).
-
-    ``tokenformer_*`` cfgs are known to timm because importing this package registers them.
-    """
+def resolve_transform_config(model_name: str | None = None, img_size: int | Sequence[int] | None = None,
+                             crop_pct: float | None = None, mean: Sequence[float] | None = None,
+                             std: Sequence[float] | None = None, interpolation: str | None = None,
+                             default_img_size: int = 224) -> TransformConfig:
+    """Explicit arguments, else the timm pretrained cfg of ``model_name`` (``tokenformer_*`` included), else
+    ImageNet defaults (224², crop 0.875, bicubic, ImageNet mean/std). Values are checked by :func:`build_transforms`,
+    the interpolation name here."""
     cfg: dict = {}
     if model_name is not None:
         import timm.data
@@ -97,147 +68,115 @@ def resolve_transform_config(
         if pretrained_cfg is None:
             raise ValueError(f"timm knows no model (pretrained cfg) named {model_name!r}")
         cfg = timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())
-    size = _size_hw(img_size if img_size is not None else cfg.get("input_size", default_img_size))
-    crop_pct = float(crop_pct if crop_pct is not None else cfg.get("crop_pct", 0.875))
-    if crop_pct <= 0:
-        raise ValueError(f"crop_pct must be > 0, got {crop_pct}")
-    mean = tuple(float(m) for m in (mean if mean is not None else cfg.get("mean", IMAGENET_DEFAULT_MEAN)))
-    std = tuple(float(s) for s in (std if std is not None else cfg.get("std", IMAGENET_DEFAULT_STD)))
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"mean and std need 3 values (std > 0), got mean={mean} std={std}")
     interpolation = interpolation if interpolation is not None else cfg.get("interpolation", "bicubic")
-    interpolation_flag(interpolation)  # validate early
-    return TransformConfig(size, crop_pct, mean, std, interpolation)  # type: ignore[arg-type]
+    interpolation_flag(interpolation)
+    return TransformConfig(
+        _size_hw(img_size if img_size is not None else cfg.get("input_size", default_img_size)),
+        float(crop_pct if crop_pct is not None else cfg.get("crop_pct", 0.875)),
+        tuple(float(m) for m in (mean if mean is not None else cfg.get("mean", IMAGENET_DEFAULT_MEAN))),
+        tuple(float(s) for s in (std if std is not None else cfg.get("std", IMAGENET_DEFAULT_STD))),
+        interpolation)  # type: ignore[arg-type]
 
 
-def rand_augment_policy(
-    num_ops: int = 2, magnitude: float = 9.0, fill: tuple[int, ...] = (128, 128, 128), p: float = 0.5
-) -> A.SomeOf:
+def _apply_lut(image: np.ndarray, lut: np.ndarray, **kwargs) -> np.ndarray:
+    return cv2.LUT(image, lut)
+
+
+def rand_augment_policy(num_ops: int = 2, magnitude: float = 9.0, fill: tuple[int, ...] = (128, 128, 128),
+                        p: float = 0.5) -> A.SomeOf:
     """albumentations version of timm's ``rand-m{magnitude}-n{num_ops}-inc1`` RandAugment.
 
-    Draws ``num_ops`` ops (with replacement, like timm) from timm's 15 "increasing" ops; each applies with
-    probability ``p`` (timm: 0.5). Strengths follow timm's level -> argument maps at ``magnitude / 10``; the
-    strength of each call is uniform in ``[0, magnitude]`` (timm's ``mstd`` noise is Gaussian around it).
+    Draws ``num_ops`` of timm's 15 "increasing" ops (with replacement, like timm), each applied with probability
+    ``p``. Strengths follow timm's level -> argument maps at ``magnitude / 10``, uniform in ``[0, magnitude]`` per
+    call (timm's ``mstd`` noise is Gaussian around it).
     """
     if not 0 <= magnitude <= 10:
         raise ValueError(f"magnitude must be in [0, 10] (timm's scale), got {magnitude}")
     m = magnitude / 10.0
-    rotate = 30.0 * m
+    rotate, translate = 30.0 * m, 0.45 * m
     shear = math.degrees(math.atan(0.3 * m))  # timm shears by a factor 0.3·m; albumentations takes degrees
-    translate = 0.45 * m
-    enhance = (1.0 - 0.9 * m, 1.0 + 0.9 * m)  # PIL ImageEnhance factor range
+    enhance, same = (1.0 - 0.9 * m, 1.0 + 0.9 * m), (1, 1)  # PIL ImageEnhance factor range
     bits = max(1, 4 - int(4 * m))
     affine = dict(interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_CONSTANT, fill=fill, p=p)
+    solarize_add = np.array([min(255, i + int(110 * m)) if i < 128 else i for i in range(256)], np.uint8)
     ops = [
-        A.AutoContrast(p=p),
-        A.Equalize(p=p),
-        A.InvertImg(p=p),
+        A.AutoContrast(p=p), A.Equalize(p=p), A.InvertImg(p=p),
         A.Affine(rotate=(-rotate, rotate), **affine),
         A.Posterize(num_bits=(bits, 4), p=p),
         A.Solarize(threshold_range=(1.0 - m, 1.0), p=p),
-        A.ColorJitter(brightness=(1, 1), contrast=(1, 1), saturation=enhance, hue=(0, 0), p=p),  # "Color"
-        A.ColorJitter(brightness=(1, 1), contrast=enhance, saturation=(1, 1), hue=(0, 0), p=p),
-        A.ColorJitter(brightness=enhance, contrast=(1, 1), saturation=(1, 1), hue=(0, 0), p=p),
+        A.ColorJitter(brightness=same, contrast=same, saturation=enhance, hue=(0, 0), p=p),  # timm's "Color"
+        A.ColorJitter(brightness=same, contrast=enhance, saturation=same, hue=(0, 0), p=p),
+        A.ColorJitter(brightness=enhance, contrast=same, saturation=same, hue=(0, 0), p=p),
         A.Sharpen(alpha=(0.0, min(1.0, 0.9 * m)), lightness=(1.0, 1.0), p=p),
         A.Affine(shear={"x": (-shear, shear), "y": (0, 0)}, **affine),
         A.Affine(shear={"x": (0, 0), "y": (-shear, shear)}, **affine),
         A.Affine(translate_percent={"x": (-translate, translate), "y": (0, 0)}, **affine),
         A.Affine(translate_percent={"x": (0, 0), "y": (-translate, translate)}, **affine),
-        # timm's SolarizeAdd: add a constant to pixels below 128
-        A.Lambda(image=_solarize_add(int(110 * m)), p=p),
+        A.Lambda(image=functools.partial(_apply_lut, lut=solarize_add), p=p),  # timm's SolarizeAdd (picklable)
     ]
     return A.SomeOf(ops, n=num_ops, replace=True, p=1.0)
 
 
-class _solarize_add:
-    """Picklable "add ``amount`` to pixels below 128" (timm's SolarizeAdd), for ``A.Lambda``."""
-
-    def __init__(self, amount: int) -> None:
-        self.lut = np.array([min(255, i + amount) if i < 128 else i for i in range(256)], dtype=np.uint8)
-
-    def __call__(self, image: np.ndarray, **kwargs) -> np.ndarray:
-        return cv2.LUT(image, self.lut)
-
-
 def reseed_transform(transform: A.BaseCompose, seed: int) -> None:
-    """Give an albumentations pipeline a fresh random stream derived from ``seed``.
-
-    ``Compose(seed=...)``/``set_random_seed`` seed every child transform with the *same* seed, so e.g. the flip
-    decision and the crop scale come from identical streams (correlated). One shared generator avoids that.
-    """
+    """Give an albumentations pipeline one fresh random stream derived from ``seed``. (``Compose(seed=...)``
+    seeds every child with the same seed, which correlates e.g. the flip decision with the crop scale.)"""
     seed = int(seed) % 2**63
     transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
 def build_transforms(
-    train: bool,
-    img_size: int | Sequence[int] = 224,
-    crop_pct: float = 0.875,
-    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-    std: Sequence[float] = IMAGENET_DEFAULT_STD,
-    interpolation: str = "bicubic",
-    hflip: float = 0.5,
-    rand_augment: bool = True,
-    ra_num_ops: int = 2,
-    ra_magnitude: float = 9.0,
-    random_erasing: float = 0.0,
-    scale: Sequence[float] = (0.08, 1.0),
-    ratio: Sequence[float] = (3 / 4, 4 / 3),
-    affine: float = 0.0,
-    fill: int | Sequence[int] | None = None,
+    train: bool, img_size: int | Sequence[int] = 224, crop_pct: float = 0.875,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    interpolation: str = "bicubic", hflip: float = 0.5, rand_augment: bool = True, ra_num_ops: int = 2,
+    ra_magnitude: float = 9.0, random_erasing: float = 0.0, scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3), affine: float = 0.0, fill: int | Sequence[int] | None = None,
     seed: int = 0,
 ) -> A.Compose:
     """Train or eval pipeline: RGB ``uint8 [H, W, 3]`` numpy -> normalised ``float32 [3, h, w]`` tensor.
 
     Train: ``RandomResizedCrop(scale, ratio)`` -> horizontal flip (``hflip`` probability) -> mild affine
     (``affine`` probability: ±10° rotation, ±8% shift, 0.9-1.1 zoom, ±8° shear; for data like digits where flips
-    and strong policies hurt) -> RandAugment (``rand_augment``, ``ra_num_ops`` ops at ``ra_magnitude``) ->
-    random erasing with per-pixel noise (``random_erasing`` probability) -> normalise.
-    Eval: resize the shorter side to ``floor(img_size / crop_pct)`` (non-square sizes: resize to
-    ``floor(h / crop_pct), floor(w / crop_pct)``, like timm) -> centre crop -> normalise.
-    Downscaling uses area interpolation (anti-aliased, close to PIL's resize); upscaling uses ``interpolation``.
-    ``fill``: colour of the area uncovered by geometric ops and eval padding (default: the mean colour, as timm).
-    ``seed``: seed of the pipeline's random stream (see :func:`reseed_transform`).
+    and strong policies hurt) -> RandAugment (``rand_augment``) -> random erasing with per-pixel noise
+    (``random_erasing`` probability) -> normalise.
+    Eval (like timm): resize the shorter side to ``floor(img_size / crop_pct)`` (non-square: resize to
+    ``floor(h / crop_pct), floor(w / crop_pct)``) -> centre crop -> normalise.
+    Downscaling uses area interpolation (anti-aliased, close to PIL's); upscaling uses ``interpolation``.
+    ``fill``: colour of areas uncovered by geometric ops and eval padding (default: the mean colour, as timm).
+    ``seed``: of the pipeline's random stream (see :func:`reseed_transform`).
     """
     h, w = _size_hw(img_size)
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if crop_pct <= 0:
         raise ValueError(f"crop_pct must be > 0, got {crop_pct}")
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean and std need 3 values (std > 0), got mean={mean} std={std}")
     for name, prob in (("hflip", hflip), ("random_erasing", random_erasing), ("affine", affine)):
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"{name} is a probability in [0, 1], got {prob}")
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"scale must be (min, max) with 0 < min <= max <= 1, got {scale}")
     interp = interpolation_flag(interpolation)
-    mean = tuple(float(m) for m in mean)
-    std = tuple(float(s) for s in std)
-    if fill is None:
-        fill = tuple(int(round(255 * m)) for m in mean)  # timm fills geometric ops with the mean colour
+    fill = tuple(round(255 * m) for m in mean) if fill is None else fill
     fill = (int(fill),) * 3 if isinstance(fill, (int, float)) else tuple(int(f) for f in fill)
-    ops: list = []
     if train:
-        ops.append(A.RandomResizedCrop(size=(h, w), scale=tuple(scale), ratio=tuple(ratio), interpolation=interp,
-                                       area_for_downscale="image"))
-        if hflip > 0:
-            ops.append(A.HorizontalFlip(p=hflip))
-        if affine > 0:
-            ops.append(A.Affine(rotate=(-10, 10), translate_percent=(-0.08, 0.08), scale=(0.9, 1.1),
-                                shear=(-8, 8), interpolation=interp, border_mode=cv2.BORDER_CONSTANT, fill=fill,
-                                p=affine))
-        if rand_augment and ra_num_ops > 0:
-            ops.append(rand_augment_policy(ra_num_ops, ra_magnitude, fill=fill))
-        if random_erasing > 0:
-            # timm's RandomErasing(mode='pixel'): per-pixel noise; applied before Normalize, so uniform 0..255
-            ops.append(A.Erasing(scale=(0.02, 1 / 3), ratio=(0.3, 3.3), fill="random", p=random_erasing))
+        ops = [A.RandomResizedCrop(size=(h, w), scale=tuple(scale), ratio=tuple(ratio), interpolation=interp,
+                                   area_for_downscale="image"),
+               A.HorizontalFlip(p=hflip) if hflip > 0 else None,
+               A.Affine(rotate=(-10, 10), translate_percent=(-0.08, 0.08), scale=(0.9, 1.1), shear=(-8, 8),
+                        interpolation=interp, border_mode=cv2.BORDER_CONSTANT, fill=fill, p=affine)
+               if affine > 0 else None,
+               rand_augment_policy(ra_num_ops, ra_magnitude, fill=fill) if rand_augment and ra_num_ops > 0 else None,
+               # timm's RandomErasing(mode='pixel'); before Normalize, so the noise is uniform in 0..255
+               A.Erasing(scale=(0.02, 1 / 3), ratio=(0.3, 3.3), fill="random", p=random_erasing)
+               if random_erasing > 0 else None]
     else:
-        if h == w:
-            ops.append(A.SmallestMaxSize(max_size=math.floor(h / crop_pct), interpolation=interp,
-                                         area_for_downscale="image"))
-        else:
-            ops.append(A.Resize(math.floor(h / crop_pct), math.floor(w / crop_pct), interpolation=interp,
-                                area_for_downscale="image"))
+        resize = (A.SmallestMaxSize(max_size=math.floor(h / crop_pct), interpolation=interp,
+                                    area_for_downscale="image") if h == w else
+                  A.Resize(math.floor(h / crop_pct), math.floor(w / crop_pct), interpolation=interp,
+                           area_for_downscale="image"))
         # pad_if_needed: crop_pct > 1 makes the resized image smaller than the crop
-        ops.append(A.CenterCrop(h, w, pad_if_needed=True, border_mode=cv2.BORDER_CONSTANT, fill=fill))
-    ops += [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
-    transform = A.Compose(ops)
+        ops = [resize, A.CenterCrop(h, w, pad_if_needed=True, border_mode=cv2.BORDER_CONSTANT, fill=fill)]
+    transform = A.Compose([op for op in ops if op is not None]
+                          + [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()])
     reseed_transform(transform, seed)
     return transform
