@@ -1,27 +1,13 @@
 """TokenFormer detection backbones for torchvision: ViTDet simple feature pyramid + detector builders.
 
-Three lines in torchvision detection code::
-
     from tokenformer_vision.detection import fasterrcnn_tokenformer
     model = fasterrcnn_tokenformer("tokenformer_base", num_classes=91, backbone_weights="classifier.ckpt")
     losses = model(images, targets)  # any torchvision detection training loop
-
-:class:`ViTDetBackbone` alone plugs into ``FasterRCNN``/``MaskRCNN``/``RetinaNet`` (an ``OrderedDict`` of NCHW
-maps and ``out_channels``).
 """
 
 from .backbone import ViTDetBackbone, create_backbone, freeze_trunk, load_backbone_weights
 from .builders import fasterrcnn_tokenformer, maskrcnn_tokenformer, retinanet_tokenformer
 from .pyramid import SimpleFeaturePyramid, anchor_sizes
 
-__all__ = [
-    "SimpleFeaturePyramid",
-    "ViTDetBackbone",
-    "anchor_sizes",
-    "create_backbone",
-    "fasterrcnn_tokenformer",
-    "freeze_trunk",
-    "load_backbone_weights",
-    "maskrcnn_tokenformer",
-    "retinanet_tokenformer",
-]
+__all__ = ["SimpleFeaturePyramid", "ViTDetBackbone", "anchor_sizes", "create_backbone", "fasterrcnn_tokenformer",
+           "freeze_trunk", "load_backbone_weights", "maskrcnn_tokenformer", "retinanet_tokenformer"]

@@ -2,71 +2,52 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
-from .backbone import ViTDetBackbone, create_backbone
+from .backbone import Weights, create_backbone
 from .pyramid import anchor_sizes
 
 __all__ = ["fasterrcnn_tokenformer", "maskrcnn_tokenformer", "retinanet_tokenformer"]
 
-Weights = str | os.PathLike | Mapping[str, torch.Tensor] | None
-_ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
-
-def _normalization(backbone: ViTDetBackbone, kwargs: dict[str, Any]) -> None:
-    """Normalise detector inputs with the mean/std the trunk was (pre)trained with."""
+def _build(detector: type, backbone_name: str, num_classes: int, backbone_weights: Weights | None,
+           trainable_layers: int | None, grad_checkpointing: bool, backbone_kwargs: Mapping[str, Any] | None,
+           kwargs: dict[str, Any]) -> Any:
+    """``detector`` on :func:`create_backbone`, with anchors, RoI poolers and image mean/std from the backbone."""
+    retina = detector is RetinaNet
+    # RetinaNet's levels: strides 8/16/32 plus P6/P7 convs (64/128)
+    options = {**(dict(scale_factors=(2.0, 1.0, 0.5), top_block="p6p7") if retina else {}), **(backbone_kwargs or {})}
+    backbone = create_backbone(backbone_name, backbone_weights, trainable_layers, grad_checkpointing, **options)
     cfg = getattr(backbone.trunk, "pretrained_cfg", None) or {}
-    if "mean" in cfg and "std" in cfg:
+    if "mean" in cfg and "std" in cfg:  # normalise inputs as the trunk was (pre)trained
         kwargs.setdefault("image_mean", list(cfg["mean"]))
         kwargs.setdefault("image_std", list(cfg["std"]))
-
-
-def _check_anchors(generator: AnchorGenerator, backbone: ViTDetBackbone, arg: str) -> None:
-    levels = len(getattr(generator, "sizes", ()))
+    anchors = "anchor_generator" if retina else "rpn_anchor_generator"
+    if kwargs.get(anchors) is None:
+        # torchvision's default anchors (32..512): 4 × stride at 3 octaves (RetinaNet), 8 × stride (R-CNN RPN)
+        sizes = anchor_sizes(backbone.strides, 4, octaves=3) if retina else anchor_sizes(backbone.strides, 8)
+        kwargs[anchors] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    levels = len(getattr(kwargs[anchors], "sizes", ()))
     if levels and levels != len(backbone.names):
-        raise ValueError(f"{arg} has anchors for {levels} feature maps but the backbone returns "
+        raise ValueError(f"{anchors} has anchors for {levels} feature maps but the backbone returns "
                          f"{len(backbone.names)} ({backbone.names})")
-
-
-def _rcnn_kwargs(backbone: ViTDetBackbone, kwargs: dict[str, Any], mask: bool) -> dict[str, Any]:
-    _normalization(backbone, kwargs)
-    if kwargs.get("rpn_anchor_generator") is None:
-        # 8 × stride: torchvision's defaults (32..512) on the default strides 4..64
-        sizes = anchor_sizes(backbone.strides, 8)
-        kwargs["rpn_anchor_generator"] = AnchorGenerator(sizes, (_ASPECT_RATIOS,) * len(sizes))
-    _check_anchors(kwargs["rpn_anchor_generator"], backbone, "rpn_anchor_generator")
     # the R-CNN heads pool from the pyramid levels, not from the extra RPN-only top level
-    if kwargs.get("box_roi_pool") is None:
-        kwargs["box_roi_pool"] = MultiScaleRoIAlign(backbone.level_names, output_size=7, sampling_ratio=2)
-    if mask and kwargs.get("mask_roi_pool") is None:
-        kwargs["mask_roi_pool"] = MultiScaleRoIAlign(backbone.level_names, output_size=14, sampling_ratio=2)
-    return kwargs
+    pools = {"box_roi_pool": 7, "mask_roi_pool": 14} if detector is MaskRCNN else {} if retina else {"box_roi_pool": 7}
+    for key, size in pools.items():
+        if kwargs.get(key) is None:
+            kwargs[key] = MultiScaleRoIAlign(backbone.level_names, output_size=size, sampling_ratio=2)
+    return detector(backbone, num_classes=num_classes, **kwargs)
 
 
-def _backbone(backbone_name: str, backbone_weights: Weights, trainable_layers: int | None,
-              grad_checkpointing: bool, backbone_kwargs: Mapping[str, Any] | None,
-              defaults: Mapping[str, Any] | None = None) -> ViTDetBackbone:
-    options = {**(defaults or {}), **(backbone_kwargs or {})}
-    return create_backbone(backbone_name, backbone_weights, trainable_layers, grad_checkpointing, **options)
-
-
-def fasterrcnn_tokenformer(
-    backbone_name: str = "tokenformer_base",
-    num_classes: int = 91,
-    backbone_weights: Weights = None,
-    trainable_layers: int | None = None,
-    grad_checkpointing: bool = False,
-    *,
-    backbone_kwargs: Mapping[str, Any] | None = None,
-    **kwargs: Any,
-) -> FasterRCNN:
+def fasterrcnn_tokenformer(backbone_name: str = "tokenformer_base", num_classes: int = 91,
+                           backbone_weights: Weights | None = None, trainable_layers: int | None = None,
+                           grad_checkpointing: bool = False, *, backbone_kwargs: Mapping[str, Any] | None = None,
+                           **kwargs: Any) -> FasterRCNN:
     """Faster R-CNN on a TokenFormer trunk with a ViTDet simple feature pyramid (strides 4–32 + pooled 64).
 
     Args:
@@ -80,46 +61,28 @@ def fasterrcnn_tokenformer(
         **kwargs: passed to ``torchvision.models.detection.FasterRCNN`` (``min_size``, ``max_size``,
             ``box_score_thresh``, ...). Anchors, RoI pooler and image mean/std default to the backbone's.
     """
-    backbone = _backbone(backbone_name, backbone_weights, trainable_layers, grad_checkpointing, backbone_kwargs)
-    return FasterRCNN(backbone, num_classes=num_classes, **_rcnn_kwargs(backbone, kwargs, mask=False))
+    return _build(FasterRCNN, backbone_name, num_classes, backbone_weights, trainable_layers, grad_checkpointing,
+                  backbone_kwargs, kwargs)
 
 
-def maskrcnn_tokenformer(
-    backbone_name: str = "tokenformer_base",
-    num_classes: int = 91,
-    backbone_weights: Weights = None,
-    trainable_layers: int | None = None,
-    grad_checkpointing: bool = False,
-    *,
-    backbone_kwargs: Mapping[str, Any] | None = None,
-    **kwargs: Any,
-) -> MaskRCNN:
+def maskrcnn_tokenformer(backbone_name: str = "tokenformer_base", num_classes: int = 91,
+                         backbone_weights: Weights | None = None, trainable_layers: int | None = None,
+                         grad_checkpointing: bool = False, *, backbone_kwargs: Mapping[str, Any] | None = None,
+                         **kwargs: Any) -> MaskRCNN:
     """Mask R-CNN on a TokenFormer trunk; arguments as :func:`fasterrcnn_tokenformer` (kwargs go to ``MaskRCNN``)."""
-    backbone = _backbone(backbone_name, backbone_weights, trainable_layers, grad_checkpointing, backbone_kwargs)
-    return MaskRCNN(backbone, num_classes=num_classes, **_rcnn_kwargs(backbone, kwargs, mask=True))
+    return _build(MaskRCNN, backbone_name, num_classes, backbone_weights, trainable_layers, grad_checkpointing,
+                  backbone_kwargs, kwargs)
 
 
-def retinanet_tokenformer(
-    backbone_name: str = "tokenformer_base",
-    num_classes: int = 91,
-    backbone_weights: Weights = None,
-    trainable_layers: int | None = None,
-    grad_checkpointing: bool = False,
-    *,
-    backbone_kwargs: Mapping[str, Any] | None = None,
-    **kwargs: Any,
-) -> RetinaNet:
+def retinanet_tokenformer(backbone_name: str = "tokenformer_base", num_classes: int = 91,
+                          backbone_weights: Weights | None = None, trainable_layers: int | None = None,
+                          grad_checkpointing: bool = False, *, backbone_kwargs: Mapping[str, Any] | None = None,
+                          **kwargs: Any) -> RetinaNet:
     """RetinaNet on a TokenFormer trunk; arguments as :func:`fasterrcnn_tokenformer` (kwargs go to ``RetinaNet``).
 
-    The pyramid defaults to RetinaNet's levels, strides 8/16/32 plus P6/P7 convs (64/128), with anchors of
-    4 × stride at three octave scales (torchvision's RetinaNet anchors, 32..512). Override the layout with
-    ``backbone_kwargs=dict(scale_factors=..., top_block=...)``; the anchors follow the backbone's strides.
+    The pyramid defaults to RetinaNet's levels, strides 8/16/32 plus P6/P7 convs (64/128), with anchors of 4 × stride
+    at three octave scales (torchvision's, 32..512). ``backbone_kwargs=dict(scale_factors=..., top_block=...)``
+    changes the layout; the anchors follow the backbone's strides.
     """
-    backbone = _backbone(backbone_name, backbone_weights, trainable_layers, grad_checkpointing, backbone_kwargs,
-                         defaults=dict(scale_factors=(2.0, 1.0, 0.5), top_block="p6p7"))
-    _normalization(backbone, kwargs)
-    if kwargs.get("anchor_generator") is None:
-        sizes = anchor_sizes(backbone.strides, 4, octaves=3)
-        kwargs["anchor_generator"] = AnchorGenerator(sizes, (_ASPECT_RATIOS,) * len(sizes))
-    _check_anchors(kwargs["anchor_generator"], backbone, "anchor_generator")
-    return RetinaNet(backbone, num_classes=num_classes, **kwargs)
+    return _build(RetinaNet, backbone_name, num_classes, backbone_weights, trainable_layers, grad_checkpointing,
+                  backbone_kwargs, kwargs)
