@@ -28,6 +28,7 @@ SCRIPT = textwrap.dedent("""
             if trainer.current_epoch == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)  # as a cluster's preemption would: no cleanup at all
 
+    L.seed_everything(0)  # the same initial weights in the reference and the killed run
     torch.use_deterministic_algorithms(True)
     data = DigitsDataModule(img_size=16, batch_size=32, num_workers=0, seed=0)
     model = ImageClassifier("tokenformer_tiny", num_classes=10, img_size=16, lr=3e-3, warmup_steps=3,
@@ -55,15 +56,23 @@ def run(tmp: Path, kill_at: int, resume: bool) -> subprocess.CompletedProcess:
                            "resume" if resume else "fresh"], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run (shared by both kill points)."""
+    out = tmp_path_factory.mktemp("resume") / "reference"
+    out.mkdir()
+    (out.parent / "fit.py").write_text(SCRIPT)
+    done = run(out, -1, resume=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [2, 3], ids=["before-growth", "after-growth"])
-def test_killed_fit_resumes_bitwise(tmp_path, kill_at):
+def test_killed_fit_resumes_bitwise(tmp_path, kill_at, reference):
     (tmp_path / "fit.py").write_text(SCRIPT)
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    reference.mkdir()
+    killed = tmp_path / "killed"
     killed.mkdir()
-    done = run(reference, -1, resume=False)
-    assert done.returncode == 0, done.stderr[-3000:]
     dead = run(killed, kill_at, resume=False)
     assert dead.returncode == -signal.SIGKILL, dead.stderr[-3000:]
     saved = torch.load(killed / "ckpt" / "last.ckpt", weights_only=True)
