@@ -337,3 +337,44 @@ def test_every_classifier_argument_has_its_own_cli_help():
     for name in inspect.signature(ImageClassifier.__init__).parameters:
         if name != "self":
             assert helps.get(f"model.{name}"), name
+
+
+def test_resumed_fit_with_more_epochs_stretches_the_cosine(tmp_path, imagefolder):
+    """`fit --ckpt_path last --trainer.max_epochs N+k` used to run the extra epochs at min_lr."""
+    data = make_data(imagefolder)
+    module = make_module(lr=1e-2, min_lr=1e-4)
+    make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True).fit(module, datamodule=data)
+    ckpt = next((tmp_path).rglob("*.ckpt"))
+    steps = torch.load(ckpt, weights_only=True)["global_step"]
+    longer = make_trainer(tmp_path, max_epochs=4)
+    resumed = make_module(lr=1e-2, min_lr=1e-4)
+    lrs = []
+
+    class RecordLR(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    longer.callbacks.append(RecordLR())
+    longer.fit(resumed, datamodule=data, ckpt_path=str(ckpt), weights_only=True)
+    fn = longer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+    assert fn.total_steps == longer.global_step == 2 * steps  # the cosine ends at the new last step
+    assert min(lrs[:-1]) > 1e-4 * 1.01 and lrs[0] > 5e-3  # the extra epochs are not at min_lr
+
+
+def test_batches_of_unreadable_images_are_skipped():
+    module = make_module()
+    assert module.training_step(None, 0) is None
+    assert module.validation_step(None, 0) is None and module.test_step(None, 0) is None
+    assert module.predict_step(None, 0) is None
+
+
+def test_checkpoint_of_another_class_count_names_both_numbers(tmp_path):
+    ten = make_module(num_classes=10)
+    ckpt = {"state_dict": ten.state_dict(), "token_counts": dict(ten.model.token_counts)}
+    with pytest.raises(ValueError, match="num_classes 10 in the weights vs 3 in the model"):
+        make_module(num_classes=3).on_load_checkpoint(ckpt)
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    from tokenformer_vision.checkpoint import read_checkpoint
+
+    with pytest.raises(ValueError, match="empty"):
+        read_checkpoint(tmp_path / "empty.ckpt")
