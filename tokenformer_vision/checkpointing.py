@@ -173,6 +173,7 @@ class LastAndBestCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._fitting = stage == "fit"
         if stage != "fit" or trainer.fast_dev_run:  # fast_dev_run writes no checkpoints
             return
         folders = {"checkpoint folder": self.dirpath, "log folder": trainer.log_dir}  # log_dir: a collective call
@@ -238,6 +239,8 @@ class LastAndBestCheckpoint(ModelCheckpoint):
         super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not getattr(self, "_fitting", True):
+            return  # validate/test/predict save nothing: no best score to carry (and no "dirpath has changed")
         # Lightning compares dirpath strings: a relative logger path and the same folder as an absolute
         # --checkpoint.dirpath differ, so best and top-k were lost and last.ckpt became last-v1.ckpt.
         real, saved_dir = os.path.realpath, state_dict.get("dirpath")
