@@ -222,13 +222,13 @@ class GrowthCallback(Callback):
                                  "holding the TokenFormer model (see model_attr)")
         return getattr(net, "_orig_mod", net)  # torch.compile wrapper → the module itself
 
-    def _targets(self, pl_module: pl.LightningModule, index: int) -> dict[str, int]:
+    def _stage_token_counts(self, pl_module: pl.LightningModule, index: int) -> dict[str, int]:
         stage, current = self.schedule[index], self._net(pl_module).token_counts
         return {k: current[k] if getattr(stage, k) is None else getattr(stage, k) for k in current}
 
     def _check_not_shrinking(self, pl_module: pl.LightningModule, index: int) -> None:
         current = self._net(pl_module).token_counts
-        for key, want in self._targets(pl_module, index).items():
+        for key, want in self._stage_token_counts(pl_module, index).items():
             if want < current[key]:
                 raise ValueError(f"GrowthCallback: stage {index} ({self.schedule[index].as_dict()}) would shrink "
                                  f"{key} from the model's {current[key]} to {want}; growth only adds tokens. Fix "
@@ -240,7 +240,7 @@ class GrowthCallback(Callback):
         start = time.perf_counter()
         self._check_not_shrinking(pl_module, index)
         net = self._net(pl_module)
-        before, targets = net.token_counts, self._targets(pl_module, index)
+        before, targets = net.token_counts, self._stage_token_counts(pl_module, index)
         self.done[index] = True
         if targets == before:  # already there (a run resumed without this callback's state)
             log.info("GrowthCallback: stage %d: the model already has %s, skipping", index, targets)

@@ -1,4 +1,4 @@
-"""Lightning image classifier around any timm model (TokenFormer by default): the training recipe of DESIGN §2.
+"""Lightning image classifier around any timm model (TokenFormer by default), with the paper's training recipe.
 
 AdamW without weight decay on norms/biases/cls/pos, per-step linear warmup then cosine to ``min_lr``, label
 smoothing, Mixup/CutMix, drop path, EMA weights (timm ``ModelEmaV3``), top-1/top-5 accuracy, top-k prediction,

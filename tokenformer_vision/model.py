@@ -4,8 +4,9 @@
 ``timm.create_model('tokenformer_base', num_classes=..., attn_tokens=..., ffn_tokens=...)`` builds them.
 :class:`TokenFormerViT` is built through the hooks of timm's class (``block_fn``, ``embed_layer``, the head), so
 forward, ``forward_intermediates``, pruning, input resizing, pooling and dynamic sizes are timm's own. What it adds:
-growth (:meth:`TokenFormerViT.grow`, :attr:`TokenFormerViT.token_counts`), token routing, the Pattention patch
-embedding and head options, and the token-count part of :func:`checkpoint_filter_fn`.
+growth (:meth:`TokenFormerViT.grow`, :attr:`TokenFormerViT.token_counts`), token routing, token merging
+(:mod:`tokenformer_vision.merging`), the Pattention patch embedding and head options, and the token-count part of
+:func:`checkpoint_filter_fn`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from timm.layers import register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models import vision_transformer as timm_vit
 
-from . import routing
+from . import merging, routing
 from .block import PattentionPatchEmbed, TokenFormerBlock
 from .checkpoint import architecture, head_classes, token_counts
 from .pattention import Pattention, default_value_std
@@ -33,7 +34,7 @@ register_notrace_module(Pattention)
 
 
 class TokenFormerViT(timm_vit.VisionTransformer):
-    """Vision transformer with Pattention projections (TokenFormer, arXiv 2410.23168).
+    """Vision transformer with Pattention projections (TokenFormer; docs/architecture.md, "References").
 
     Args:
         img_size: input resolution the position embedding is laid out for.
@@ -68,6 +69,8 @@ class TokenFormerViT(timm_vit.VisionTransformer):
         routing_capacity: capacity routing instead: each routed block processes this fraction of patch tokens.
         routing_loss_weight: λ of :meth:`routing_loss` (default 0, or 2 with ``routing_target``).
         routing_target: target TLOps fraction for :meth:`routing_loss`, instead of penalising compute.
+        merge_tokens: token merging (ToMe, :mod:`tokenformer_vision.merging`): tokens merged away per block (0:
+            off); also a settable attribute, so a trained model can be switched on. Not with ``token_routing``.
         device: where to build the parameters (``meta`` works).
         dtype: the parameters' dtype.
     """
@@ -105,6 +108,7 @@ class TokenFormerViT(timm_vit.VisionTransformer):
         routing_capacity: float | None = None,
         routing_loss_weight: float | None = None,
         routing_target: float | None = None,
+        merge_tokens: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -130,6 +134,10 @@ class TokenFormerViT(timm_vit.VisionTransformer):
             drop_path_rate=drop_path_rate, embed_layer=embed_layer, block_fn=block_fn, device=device, dtype=dtype,
         )
         self.routing = config
+        self.merging = merging.TokenMerging(num_prefix_tokens=self.num_prefix_tokens)
+        for block in self.blocks:
+            block.merging = self.merging
+        self.merge_tokens = merge_tokens
         self.pattention_head = pattention_head
         self.head_tokens = head_tokens or embed_dim
         if pattention_head:
@@ -214,15 +222,47 @@ class TokenFormerViT(timm_vit.VisionTransformer):
         """``[B, N]`` number of blocks each token went through in the last forward."""
         return routing.routing_depth_map(list(self.blocks))
 
+    # ------------------------------------------------------------------------------------------- merging
+    @property
+    def merge_tokens(self) -> int:
+        """Token merging: tokens merged away per block (0: off, exactly the unreduced model)."""
+        return self.merging.r
+
+    @merge_tokens.setter
+    def merge_tokens(self, value: int) -> None:
+        if merging.check_rate(value) and self.routing is not None:
+            raise ValueError("merge_tokens: token merging does not combine with token routing (routing decisions "
+                             "and statistics assume every block sees the same tokens)")
+        self.merging.r = value
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        """timm's pooling; after token merging, ``'avg'``/``'avgmax'`` weight each token's mean by its size."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        size = self.merging.size
+        if size is None or pool_type not in ("avg", "avgmax") or size.shape != x.shape[:2]:
+            return super().pool(x, pool_type)
+        p = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        w = size[:, p:, None].to(x.dtype)
+        mean = (x[:, p:] * w).sum(1) / w.sum(1)
+        return mean if pool_type == "avg" else 0.5 * (x[:, p:].amax(1) + mean)
+
     def forward_features(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if self.routing is not None:
             self.clear_routing_state()  # the statistics always describe this forward
+        self.merging.size = None
+        if self.merging.r and self.grad_checkpointing and torch.is_grad_enabled():
+            raise ValueError("token merging does not combine with grad checkpointing (the recomputed blocks would "
+                             "see the final token sizes)")
         return super().forward_features(x, **kwargs)
 
-    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def forward_intermediates(self, x: torch.Tensor, *args: Any, output_fmt: str = "NCHW", **kwargs: Any) -> Any:
         if self.routing is not None:
             self.clear_routing_state()  # stop_early runs fewer blocks: no stale decisions from an earlier forward
-        return super().forward_intermediates(x, *args, **kwargs)
+        self.merging.size = None
+        if self.merging.r and output_fmt == "NCHW":
+            raise ValueError("token merging leaves no patch grid: NCHW intermediates (features_only, detection "
+                             "backbones) need merge_tokens=0; output_fmt='NLC' gives the merged tokens")
+        return super().forward_intermediates(x, *args, output_fmt=output_fmt, **kwargs)
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: TokenFormerViT) -> dict[str, torch.Tensor]:

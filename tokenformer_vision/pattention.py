@@ -25,7 +25,7 @@ def default_value_std(depth: int, dim: int) -> float:
 
 
 class Pattention(nn.Module):
-    """Token-parameter attention layer (TokenFormer, arXiv 2410.23168), a drop-in for a bias-free ``nn.Linear``.
+    """Token-parameter attention layer (TokenFormer), a drop-in for a bias-free ``nn.Linear``.
 
     Args:
         in_features: size of each input token (d_in).

@@ -1,4 +1,4 @@
-"""ViTDet's simple feature pyramid (Li et al., arXiv 2203.16527): a multi-scale pyramid from ONE stride-16 ViT map.
+"""ViTDet's simple feature pyramid (docs/architecture.md, References): multi-scale maps from ONE stride-16 map.
 
 Stride 4 comes from two 2×2 transposed convs, 8 from one, 16 is the map itself and 32 a 2×2 max-pool; each level
 then gets a 1×1 and a 3×3 conv, each followed by a channel LayerNorm. The extra top levels are torchvision's FPN
