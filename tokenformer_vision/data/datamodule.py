@@ -1,11 +1,11 @@
-"""The shared base of the Lightning DataModules and its DataLoader helpers: skip counting across workers, a collate
-that drops skipped samples, an epoch-seeded training sampler, per-worker reseeding.
+"""The DataModules' shared base and DataLoader helpers: skip counting across workers, a collate that drops skipped
+samples, an epoch-seeded training sampler, per-worker reseeding.
 
 Batches: train/val/test ``(images float32 [B, 3, H, W], targets int64 [B])``; predict ``(images, targets,
-indices)`` with ``targets = -1`` where unknown and ``indices`` into :meth:`predict_names`. Unreadable images are
-dropped from their batch; a batch of only unreadable images is ``None``: Lightning's training loop skips it,
-validation/test/predict steps receive it and should return ``None``. Training batches are a function of ``(seed,
-epoch)`` (:class:`EpochSampler`), both saved in checkpoints, so a resumed run replays the original run's batches.
+indices)``, ``targets = -1`` where unknown, ``indices`` into :meth:`predict_names`. Unreadable images are dropped
+from their batch; a batch of only unreadable images is ``None`` (Lightning's training loop skips it; eval/predict
+steps receive it and should return ``None``). Training batches are a function of ``(seed, epoch)``
+(:class:`EpochSampler`), both saved in checkpoints, so a resumed run replays the original run's batches.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate, get_worker_info
 
-from .transforms import TransformConfig, build_transforms, resolve_transform_config
+from .transforms import build_transforms, resolve_transform_config
 
 __all__ = ["EpochSampler", "ImageClassificationDataModule", "SkipCounter", "collate_skip_none", "default_num_workers",
            "derive_seed", "seed_worker"]
@@ -33,11 +33,8 @@ __all__ = ["EpochSampler", "ImageClassificationDataModule", "SkipCounter", "coll
 
 class SkipCounter:
     """Count of skipped (unreadable) images, shared by the main process and its DataLoader workers (any start
-    method, persistent or not).
-
-    Lock-free shared memory: each process adds to its own slot (by pid), reading sums the slots. Pickled outside a
-    worker spawn (a deepcopy, a checkpoint) it becomes a new local counter starting at the current value.
-    """
+    method, persistent or not): lock-free shared memory where each process adds to its own slot (by pid) and
+    reading sums the slots. Pickled outside a worker spawn (a deepcopy, a checkpoint) it becomes a local counter."""
 
     _SLOTS = 1024
 
@@ -107,12 +104,9 @@ class EpochSampler(DistributedSampler):
 
 def seed_worker(worker_id: int, rank: int = 0, sampler: Any = None) -> None:
     """DataLoader ``worker_init_fn``: own random streams for each worker and rank (forked workers inherit identical
-    albumentations, numpy and Python generators, so would repeat each other's augmentations).
-
-    Seeded from (seed, epoch at worker start, rank, worker id) of a ``sampler`` with ``seed`` and ``epoch``
-    (:class:`EpochSampler`), else from ``info.seed`` (per worker and epoch) and the rank, since ranks usually
-    seed identically.
-    """
+    albumentations, numpy and Python generators, so would repeat each other's augmentations), from (seed, epoch at
+    worker start, rank, worker id) of an :class:`EpochSampler`, else from ``info.seed`` (per worker and epoch) and
+    the rank, since ranks usually seed identically."""
     if (info := get_worker_info()) is None:
         return
     if hasattr(sampler, "seed") and hasattr(sampler, "epoch"):
@@ -131,10 +125,8 @@ def seed_worker(worker_id: int, rank: int = 0, sampler: Any = None) -> None:
 
 def default_num_workers() -> int:
     """Default DataLoader workers per process: the usable cores minus one for the main process, at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))  # honours taskset/cgroup limits, as DataLoader's own check does
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    # sched_getaffinity (Linux) honours taskset/cgroup limits, as DataLoader's own check does
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(0, min(8, cores - 1))
 
 
@@ -146,12 +138,10 @@ _ARG_HELP = {
     "batch_size": "images per batch (per process).",
     "num_workers": "DataLoader worker processes (per process); None: usable CPU cores - 1, at most 8.",
     "model_name": "timm model whose pretrained cfg supplies the preprocessing defaults.",
-    "crop_pct": "evaluation crop fraction: resize the shorter side to img_size / crop_pct, then centre-crop; "
-                "None: the model's, else 0.875.",
+    "crop_pct": "eval crop: resize the shorter side to img_size / crop_pct, centre-crop; None: model's, else 0.875.",
     "mean": "per-channel normalisation mean on a 0..1 scale; None: the model's, else ImageNet's.",
     "std": "per-channel normalisation standard deviation; None: the model's, else ImageNet's.",
-    "interpolation": "resize interpolation (nearest, bilinear, bicubic, area, lanczos); None: the model's, "
-                     "else bicubic.",
+    "interpolation": "resize interpolation (nearest, bilinear, bicubic, area, lanczos); None: model's, else bicubic.",
     "train_split": "name of the train split folder under root.",
     "val_split": "name of the validation split folder under root.",
     "test_split": "name of the test split folder under root; None: val_split.",
@@ -174,8 +164,7 @@ _ARG_HELP = {
 
 
 def _document_args(**specific: str) -> Callable[[type], type]:
-    """Class decorator appending an ``Args:`` section: one line per ``__init__`` parameter, from ``specific`` or
-    ``_ARG_HELP`` (a parameter without help fails at import with a KeyError)."""
+    """Class decorator appending an ``Args:`` line per ``__init__`` parameter (``specific``, else ``_ARG_HELP``)."""
 
     def decorate(cls: type) -> type:
         helps = {**_ARG_HELP, **specific}
@@ -208,11 +197,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         if batch_size < 1 or self.num_workers < 0:
             raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
-        self.transform_config: TransformConfig = resolve_transform_config(
-            model_name, img_size, crop_pct, mean, std, interpolation)
-        self.augment = dict(hflip=hflip, rand_augment=rand_augment, ra_num_ops=ra_num_ops,
-                            ra_magnitude=ra_magnitude, random_erasing=random_erasing, scale=tuple(scale),
-                            affine=affine, fill=fill)
+        self.transform_config = resolve_transform_config(model_name, img_size, crop_pct, mean, std, interpolation)
+        self.augment = dict(hflip=hflip, rand_augment=rand_augment, ra_num_ops=ra_num_ops, ra_magnitude=ra_magnitude,
+                            random_erasing=random_erasing, scale=tuple(scale), affine=affine, fill=fill)
         self.pin_memory, self.persistent_workers, self.drop_last = pin_memory, persistent_workers, drop_last
         self.seed = seed
         self.build_transform(True)  # validates the options now, not in a worker
@@ -238,8 +225,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     @property
     def epoch(self) -> int:
-        """Epoch whose batches the train DataLoader produces (Lightning sets it through the sampler's
-        ``set_epoch`` every epoch)."""
+        """Epoch whose batches the train DataLoader produces (Lightning sets it every epoch via the sampler)."""
         return self._sampler.epoch if self._sampler is not None else self._epoch
 
     def set_epoch(self, epoch: int) -> None:
@@ -277,9 +263,6 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return build_transforms(train, cfg.img_size, cfg.crop_pct, cfg.mean, cfg.std, cfg.interpolation,
                                 seed=self.seed, **self.augment)
 
-    def _make_dataset(self, stage: str) -> Dataset:
-        raise NotImplementedError
-
     def dataset(self, stage: str) -> Dataset:
         """Cached dataset of a stage (``'train'``, ``'val'``, ``'test'``, ``'predict'``)."""
         if stage not in ("train", "val", "test", "predict"):
@@ -300,7 +283,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
                           "keeping the partial batch instead of dropping it", stacklevel=3)
             drop_last = False
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        sampler = self._sampler = EpochSampler(dataset, self.seed, self.epoch, world_size, rank) if train else None
+        if train:  # a DistributedSampler already: Lightning keeps it under DDP instead of wrapping it
+            self._sampler = EpochSampler(dataset, self.seed, self.epoch, world_size, rank)
+        sampler = self._sampler if train else None
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last, num_workers=self.num_workers,
             collate_fn=collate_skip_none,

@@ -41,8 +41,7 @@ def split_digits(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[n
     seed="seed of the train/val split and of the training shuffle and augmentation (per epoch: (seed, epoch)).",
     mean="per-channel normalisation mean on a 0..1 scale; None: the training pixels' mean.",
     std="per-channel normalisation standard deviation; None: the training pixels' standard deviation.",
-    fill="colour of areas uncovered by geometric augmentation (default 0: black, the digits' background); "
-         "None: the mean colour.",
+    fill="colour of areas uncovered by geometric augmentation; 0: black, the background; None: the mean colour.",
 )
 class DigitsDataModule(ImageClassificationDataModule):
     """scikit-learn's digits as a 10-class image dataset (class names ``"0"`` .. ``"9"``).

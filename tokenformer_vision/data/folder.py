@@ -40,8 +40,7 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
 
 
 def find_class_names(split_dir: str | os.PathLike) -> list[str]:
-    """Sorted class folder names of one split (hidden folders are never classes); raises with the expected layout
-    if the split or its class folders are missing."""
+    """Sorted class folder names of a split, hidden ones excluded; raises with the layout if there are none."""
     if not Path(split_dir).is_dir():
         raise FileNotFoundError(f"split folder {split_dir} does not exist.\n{LAYOUT_HELP}")
     if not (names := sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))):
@@ -49,42 +48,39 @@ def find_class_names(split_dir: str | os.PathLike) -> list[str]:
     return names
 
 
-def _check_empty_classes(split_dir: str | os.PathLike, class_names: Sequence[str], empty: list[str],
-                         strict: bool) -> None:
+def _check_empty(split_dir: str | os.PathLike, class_names: Sequence[str], empty: list[str], strict: bool) -> None:
     """Raise if every class folder is ``empty`` or (``strict``, for train) some is; otherwise warn about them."""
-    if empty and len(empty) == len(class_names):
+    if not empty:
+        return
+    if len(empty) == len(class_names):
         raise ValueError(f"split folder {split_dir} contains no images.\n{LAYOUT_HELP}")
     message = f"{len(empty)} class folder(s) of {split_dir} contain no images: {empty[:10]}"
-    if empty and strict:
+    if strict:
         raise ValueError(f"{message}. Every train class folder needs at least one image: add images or remove the "
                          f"folder.\n{LAYOUT_HELP}")
-    if empty:
-        warnings.warn(message, stacklevel=3)
+    warnings.warn(message, stacklevel=3)
 
 
 def empty_class_folders(split_dir: str | os.PathLike, class_names: Sequence[str], raise_error: bool = True
                         ) -> list[str]:
     """Class folders of ``split_dir`` without any image (searched recursively, stopping at the first image: about
     one directory read per ImageNet class); ``raise_error``: raise ``ValueError`` naming them instead."""
-    empty = [name for name in class_names  # the walk of torchvision's make_dataset
+    empty = [name for name in class_names  # os.walk as in torchvision's make_dataset; any() stops early
              if not any(any(f.lower().endswith(IMG_EXTENSIONS) for f in files)
                         for _, _, files in os.walk(Path(split_dir, name), followlinks=True))]
     if raise_error:
-        _check_empty_classes(split_dir, class_names, empty, strict=True)
+        _check_empty(split_dir, class_names, empty, strict=True)
     return empty
 
 
 def scan_split(split_dir: str | os.PathLike, class_names: Sequence[str], require_all: bool = True
                ) -> list[tuple[str, int]]:
-    """``(path, class index)`` of every image under ``split_dir/<class>/`` (recursively), in sorted order.
-
-    Raises ``ValueError`` if the split holds no images or (``require_all``) if a class folder is empty; otherwise
-    empty class folders warn.
-    """
+    """``(path, class index)`` of every image under ``split_dir/<class>/`` (recursively), sorted. Raises
+    ``ValueError`` if the split holds no images or (``require_all``) a class folder is empty, else warns of those."""
     samples = make_dataset(str(split_dir), {name: i for i, name in enumerate(class_names)}, IMG_EXTENSIONS,
                            allow_empty=True)
     counts = np.bincount([t for _, t in samples], minlength=len(class_names))
-    _check_empty_classes(split_dir, class_names, [class_names[i] for i in np.flatnonzero(counts == 0)], require_all)
+    _check_empty(split_dir, class_names, [class_names[i] for i in np.flatnonzero(counts == 0)], require_all)
     return samples
 
 
@@ -160,12 +156,11 @@ class ArrayDataset(ImageFileDataset):
 
 @_document_args()
 class ImageFolderDataModule(ImageClassificationDataModule):
-    """Image classification data in the ImageNet folder layout (``root/train/<class>/*.JPEG``,
-    ``root/val/<class>/*.JPEG``), with albumentations transforms.
+    """Image classification data in the ImageNet folder layout (``root/{train,val}/<class>/*.JPEG``).
 
-    Classes are the sorted train class folder names. Every train class folder needs an image (checked here, at
-    construction); val/test need the same class folders, which may be empty. Preprocessing comes from timm's
-    pretrained cfg of ``model_name`` unless given. ``predict_root`` replaces ``predict_split``.
+    Classes are the sorted train class folder names. Every train class folder needs an image (checked at
+    construction); val/test need the same class folders, which may be empty. ``predict_root`` replaces
+    ``predict_split``.
     """
 
     def __init__(
@@ -191,16 +186,15 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         # train split (cheap even for ImageNet), else of val on a machine that only evaluates.
         train_dir, val_dir = self.root / train_split, self.root / val_split
         if not (train_dir.is_dir() or val_dir.is_dir()):
+            found = sorted(p.name for p in self.root.iterdir())[:10]
             raise FileNotFoundError(f"dataset root {self.root} has neither a {train_split!r} nor a {val_split!r} "
-                                    f"split folder (found: {sorted(p.name for p in self.root.iterdir())[:10]}).\n"
-                                    f"{LAYOUT_HELP}")
+                                    f"split folder (found: {found}).\n{LAYOUT_HELP}")
         self.class_names = find_class_names(train_dir if train_dir.is_dir() else val_dir)
         if train_dir.is_dir():
             empty_class_folders(train_dir, self.class_names)  # raises naming them: the first place they show
         for stage in ("val", "test"):
             if (self.root / self.splits[stage]).is_dir():
                 self._check_classes(stage)
-        self._predict_names: list[str] | None = None
 
     def _check_classes(self, stage: str) -> Path:
         split_dir = self.root / self.splits[stage]
@@ -228,15 +222,11 @@ class ImageFolderDataModule(ImageClassificationDataModule):
                        for p in list_images(self.predict_root)]
         else:
             samples = scan_split(self._check_classes(stage), self.class_names, require_all=stage == "train")
-        if stage == "predict":
-            self._predict_names = [path for path, _ in samples]
         return ImageFileDataset(samples, self.build_transform(stage == "train"), return_index=stage == "predict",
                                 skip_counter=self._skip_counter)
 
     def predict_names(self) -> list[str]:
-        if self._predict_names is None:
-            self.dataset("predict")
-        return list(self._predict_names)
+        return [path for path, _ in self.dataset("predict").samples]
 
 
 @_document_args()

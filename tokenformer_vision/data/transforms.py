@@ -13,7 +13,8 @@ import albumentations as A
 import cv2
 import numpy as np
 from albumentations.pytorch import ToTensorV2
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
+from timm.models import get_pretrained_cfg
 
 __all__ = ["TransformConfig", "build_transforms", "interpolation_flag", "rand_augment_policy", "reseed_transform",
            "resolve_transform_config"]
@@ -59,15 +60,11 @@ def resolve_transform_config(model_name: str | None = None, img_size: int | Sequ
     the interpolation name here."""
     cfg: dict = {}
     if model_name is not None:
-        import timm.data
-        import timm.models
-
         import tokenformer_vision  # noqa: F401  (registers tokenformer_* cfgs with timm)
 
-        pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
-        if pretrained_cfg is None:
+        if (pretrained_cfg := get_pretrained_cfg(model_name)) is None:
             raise ValueError(f"timm knows no model (pretrained cfg) named {model_name!r}")
-        cfg = timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())
+        cfg = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())
     interpolation = interpolation if interpolation is not None else cfg.get("interpolation", "bicubic")
     interpolation_flag(interpolation)
     return TransformConfig(
@@ -96,14 +93,12 @@ def rand_augment_policy(num_ops: int = 2, magnitude: float = 9.0, fill: tuple[in
     rotate, translate = 30.0 * m, 0.45 * m
     shear = math.degrees(math.atan(0.3 * m))  # timm shears by a factor 0.3·m; albumentations takes degrees
     enhance, same = (1.0 - 0.9 * m, 1.0 + 0.9 * m), (1, 1)  # PIL ImageEnhance factor range
-    bits = max(1, 4 - int(4 * m))
     affine = dict(interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_CONSTANT, fill=fill, p=p)
     solarize_add = np.array([min(255, i + int(110 * m)) if i < 128 else i for i in range(256)], np.uint8)
     ops = [
         A.AutoContrast(p=p), A.Equalize(p=p), A.InvertImg(p=p),
         A.Affine(rotate=(-rotate, rotate), **affine),
-        A.Posterize(num_bits=(bits, 4), p=p),
-        A.Solarize(threshold_range=(1.0 - m, 1.0), p=p),
+        A.Posterize(num_bits=(max(1, 4 - int(4 * m)), 4), p=p), A.Solarize(threshold_range=(1.0 - m, 1.0), p=p),
         A.ColorJitter(brightness=same, contrast=same, saturation=enhance, hue=(0, 0), p=p),  # timm's "Color"
         A.ColorJitter(brightness=same, contrast=enhance, saturation=same, hue=(0, 0), p=p),
         A.ColorJitter(brightness=enhance, contrast=same, saturation=same, hue=(0, 0), p=p),
@@ -134,15 +129,12 @@ def build_transforms(
 ) -> A.Compose:
     """Train or eval pipeline: RGB ``uint8 [H, W, 3]`` numpy -> normalised ``float32 [3, h, w]`` tensor.
 
-    Train: ``RandomResizedCrop(scale, ratio)`` -> horizontal flip (``hflip`` probability) -> mild affine
-    (``affine`` probability: ±10° rotation, ±8% shift, 0.9-1.1 zoom, ±8° shear; for data like digits where flips
-    and strong policies hurt) -> RandAugment (``rand_augment``) -> random erasing with per-pixel noise
-    (``random_erasing`` probability) -> normalise.
-    Eval (like timm): resize the shorter side to ``floor(img_size / crop_pct)`` (non-square: resize to
-    ``floor(h / crop_pct), floor(w / crop_pct)``) -> centre crop -> normalise.
-    Downscaling uses area interpolation (anti-aliased, close to PIL's); upscaling uses ``interpolation``.
-    ``fill``: colour of areas uncovered by geometric ops and eval padding (default: the mean colour, as timm).
-    ``seed``: of the pipeline's random stream (see :func:`reseed_transform`).
+    Train: ``RandomResizedCrop(scale, ratio)`` -> flip (``hflip``) -> mild affine (``affine``: ±10° rotation, ±8%
+    shift, 0.9-1.1 zoom, ±8° shear, for data like digits where flips and strong policies hurt) -> RandAugment ->
+    random erasing with per-pixel noise (``random_erasing``) -> normalise. Eval (like timm): resize the shorter side
+    (non-square sizes: each side) to ``floor(size / crop_pct)`` -> centre crop -> normalise. Downscaling is area
+    interpolation (anti-aliased, close to PIL's). ``fill``: colour of areas uncovered by geometric ops and eval
+    padding (default: the mean colour, as timm). ``seed``: of the random stream (see :func:`reseed_transform`).
     """
     h, w = _size_hw(img_size)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
@@ -158,9 +150,9 @@ def build_transforms(
     interp = interpolation_flag(interpolation)
     fill = tuple(round(255 * m) for m in mean) if fill is None else fill
     fill = (int(fill),) * 3 if isinstance(fill, (int, float)) else tuple(int(f) for f in fill)
+    resample = dict(interpolation=interp, area_for_downscale="image")
     if train:
-        ops = [A.RandomResizedCrop(size=(h, w), scale=tuple(scale), ratio=tuple(ratio), interpolation=interp,
-                                   area_for_downscale="image"),
+        ops = [A.RandomResizedCrop(size=(h, w), scale=tuple(scale), ratio=tuple(ratio), **resample),
                A.HorizontalFlip(p=hflip) if hflip > 0 else None,
                A.Affine(rotate=(-10, 10), translate_percent=(-0.08, 0.08), scale=(0.9, 1.1), shear=(-8, 8),
                         interpolation=interp, border_mode=cv2.BORDER_CONSTANT, fill=fill, p=affine)
@@ -170,10 +162,8 @@ def build_transforms(
                A.Erasing(scale=(0.02, 1 / 3), ratio=(0.3, 3.3), fill="random", p=random_erasing)
                if random_erasing > 0 else None]
     else:
-        resize = (A.SmallestMaxSize(max_size=math.floor(h / crop_pct), interpolation=interp,
-                                    area_for_downscale="image") if h == w else
-                  A.Resize(math.floor(h / crop_pct), math.floor(w / crop_pct), interpolation=interp,
-                           area_for_downscale="image"))
+        resize = (A.SmallestMaxSize(max_size=math.floor(h / crop_pct), **resample) if h == w
+                  else A.Resize(math.floor(h / crop_pct), math.floor(w / crop_pct), **resample))
         # pad_if_needed: crop_pct > 1 makes the resized image smaller than the crop
         ops = [resize, A.CenterCrop(h, w, pad_if_needed=True, border_mode=cv2.BORDER_CONSTANT, fill=fill)]
     transform = A.Compose([op for op in ops if op is not None]
