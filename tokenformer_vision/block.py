@@ -13,6 +13,7 @@ from timm.layers import DropPath, PatchEmbed
 from torch import nn
 
 from .kernel import pattention_fused
+from .merging import TokenMerging
 from .pattention import Pattention
 from .routing import RoutingConfig, make_router, route_block
 
@@ -55,14 +56,18 @@ class PattentionAttention(nn.Module):
         return pattention_fused(x, [p.key_param for p in layers], [p.value_param for p in layers],
                                 [p.scale() for p in layers], self.q.eps)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                return_keys: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attention over ``x [B, N, C]``; with ``return_keys`` also the keys averaged over heads ``[B, N, C/heads]``
+        (token merging's similarity)."""
         B, N, C = x.shape
         q, k, v = (t.view(B, N, self.num_heads, -1).transpose(1, 2) for t in self.qkv(x))
         if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():  # not an FX proxy
             attn_mask = attn_mask.to(q.dtype)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        out = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        return (out, k.mean(1)) if return_keys else out
 
 
 class TokenFormerBlock(nn.Module):
@@ -84,6 +89,8 @@ class TokenFormerBlock(nn.Module):
         **timm_block_args: the rest of what timm passes to every ``block_fn`` (``mlp_ratio``, ``qkv_bias``,
             ``norm_layer``, ...): they describe timm's own block and have no meaning here.
     """
+
+    merging: TokenMerging | None = None  # the model's token merging (tokenformer_vision.merging), shared by its blocks
 
     def __init__(self, dim: int, num_heads: int, *, attn_tokens: int, ffn_tokens: int, value_std: float | None = None,
                  dynamic_scale: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0, drop_path: float = 0.0,
@@ -119,7 +126,14 @@ class TokenFormerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
                 ) -> torch.Tensor:
-        """timm's block forward; a routed block runs :func:`~tokenformer_vision.routing.route_block`."""
+        """timm's block forward; a routed block runs :func:`~tokenformer_vision.routing.route_block`; with
+        token merging on (``self.merging.r > 0``, set by the model) tokens are merged between attention and FFN."""
+        if self.merging is not None and self.merging.r > 0:
+            if attn_mask is not None or is_causal:
+                raise ValueError("token merging does not combine with an external attn_mask or is_causal")
+            y, keys = self.attn(self.norm1(x), attn_mask=self.merging.attn_bias(), return_keys=True)
+            x = self.merging.merge(x + self.drop_path1(y), keys)
+            return x + self.drop_path2(self.ffn(self.norm2(x)))
         if self.router is None:
             return self.forward_gated(x, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is not None or is_causal:
