@@ -1,13 +1,6 @@
-"""Lightning image classifier around any timm model (TokenFormer by default), with the paper's training recipe.
-
-AdamW without weight decay on norms/biases/cls/pos, per-step linear warmup then cosine to ``min_lr``, label
-smoothing, Mixup/CutMix, drop path, EMA weights (timm ``ModelEmaV3``), top-1/top-5 accuracy, top-k prediction,
-a policy for non-finite losses and gradients, and, for routed models, the compute penalty and TLOps metrics.
-
-Growth-aware: checkpoints record the token counts, and :meth:`ImageClassifier.on_load_checkpoint` grows a
-freshly built model (and its EMA copy) to them before the weights load, so a grown checkpoint loads into the
-configuration it was started from.
-"""
+"""Lightning image classifier around any timm model (TokenFormer by default) with the paper's training recipe, top-k
+prediction, a policy for non-finite steps, and the routing penalty and TLOps metrics. Loading a checkpoint first grows
+the fresh model (and its EMA copy) to the checkpoint's recorded token counts."""
 
 from __future__ import annotations
 
@@ -42,29 +35,19 @@ OptimizerCallable = Callable[[Iterable], Optimizer]
 
 
 class WarmupCosine:
-    """LR factor for ``LambdaLR``: linear warmup over ``warmup_steps`` optimizer steps, then a half cosine from
-    1 down to ``min_ratio`` at ``total_steps``, flat afterwards.
-
-    ``factor(s) = (s + 1) / warmup_steps`` for ``s < warmup_steps``, then ``min_ratio + (1 - min_ratio) · ½(1 +
-    cos(π · p))`` with ``p = (s - warmup_steps) / (total_steps - warmup_steps)`` clamped to [0, 1]. A callable
-    object, not a closure, so ``LambdaLR.state_dict()`` saves its settings with the checkpoint.
-    """
+    """LR factor for ``LambdaLR``: linear warmup, then a half cosine from 1 to ``min_ratio`` at ``total_steps``, flat
+    afterwards. A callable object, not a closure, so ``LambdaLR.state_dict()`` saves its settings."""
 
     def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> None:
-        if warmup_steps < 0 or total_steps < 1:
-            raise ValueError(f"WarmupCosine: need warmup_steps ≥ 0 and total_steps ≥ 1, got {warmup_steps}, "
-                             f"{total_steps}")
-        if not 0.0 <= min_ratio <= 1.0:
-            raise ValueError(f"WarmupCosine: min_ratio must be in [0, 1], got {min_ratio}")
-        self.warmup_steps = int(warmup_steps)
-        self.total_steps = int(total_steps)
-        self.min_ratio = float(min_ratio)
+        if warmup_steps < 0 or total_steps < 1 or not 0.0 <= min_ratio <= 1.0:
+            raise ValueError("WarmupCosine: need warmup_steps ≥ 0, total_steps ≥ 1 and min_ratio in [0, 1], got "
+                             f"{warmup_steps}, {total_steps}, {min_ratio}")
+        self.warmup_steps, self.total_steps, self.min_ratio = int(warmup_steps), int(total_steps), float(min_ratio)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-        progress = min(max(progress, 0.0), 1.0)
+        progress = min(max((step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps), 0.0), 1.0)
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -123,67 +106,40 @@ class ImageClassifier(LightningModule):
         max_nonfinite_steps: with "skip", stop the run after this many consecutive skipped steps.
     """
 
-    def __init__(
-        self,
-        model_name: str = "tokenformer_base",
-        num_classes: int | None = None,
-        img_size: int | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        pretrained: str | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        warmup_epochs: float = 0.0,
-        min_lr: float = 0.0,
-        label_smoothing: float = 0.0,
-        mixup: float = 0.0,
-        cutmix: float = 0.0,
-        mixup_prob: float = 1.0,
-        mixup_switch_prob: float = 0.5,
-        drop_path_rate: float = 0.0,
-        ema_decay: float | None = None,
-        ema_warmup: bool = False,
-        top_k: int = 5,
-        nonfinite: Literal["skip", "stop"] = "skip",
-        max_nonfinite_steps: int = 10,
-    ) -> None:
+    def __init__(self, model_name: str = "tokenformer_base", num_classes: int | None = None,
+                 img_size: int | None = None, model_kwargs: dict[str, Any] | None = None,
+                 pretrained: str | None = None, optimizer: OptimizerCallable | None = None, lr: float = 1e-3,
+                 weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
+                 warmup_epochs: float = 0.0, min_lr: float = 0.0, label_smoothing: float = 0.0, mixup: float = 0.0,
+                 cutmix: float = 0.0, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
+                 drop_path_rate: float = 0.0, ema_decay: float | None = None, ema_warmup: bool = False,
+                 top_k: int = 5, nonfinite: Literal["skip", "stop"] = "skip", max_nonfinite_steps: int = 10) -> None:
         super().__init__()
         self._check_args(locals())
         # The optimizer factory is code, not a hyperparameter: it cannot go into a weights-only checkpoint.
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_fn = optimizer
-        self.model: nn.Module | None = None
+        self.model: nn.Module | None = None  # built by _build(), with the EMA copy and the Mixup function
         self.ema: ModelEmaV3 | None = None
         self.mixup_fn: Mixup | None = None
         self.nonfinite_streak = 0  # consecutive skipped optimizer steps
         if num_classes is not None:
             self._build(num_classes)
 
-    # ---------------------------------------------------------------------------------------------- set-up
     @staticmethod
     def _check_args(a: dict[str, Any]) -> None:
-        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        nonneg, unit = (lambda v: v >= 0, "≥ 0"), (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+        pos_int = (lambda v: is_int(v) and v >= 1, "a positive int")
+        pos_or_none = (lambda v: v is None or pos_int[0](v), "a positive int or None")
         rules = {  # name: (valid?, what it must be)
-            "num_classes": (lambda v: v is None or is_int(v) and v >= 1, "a positive int or None"),
-            "img_size": (lambda v: v is None or is_int(v) and v >= 1, "a positive int or None"),
-            "lr": (lambda v: v > 0, "> 0"),
-            "weight_decay": (lambda v: v >= 0, "≥ 0"),
-            "betas": (lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v), "two numbers in [0, 1)"),
-            "warmup_steps": (lambda v: v >= 0, "≥ 0"),
-            "warmup_epochs": (lambda v: v >= 0, "≥ 0"),
+            "num_classes": pos_or_none, "img_size": pos_or_none, "lr": (lambda v: v > 0, "> 0"),
             "min_lr": (lambda v: 0.0 <= v <= a["lr"], f"in [0, lr={a['lr']}]"),
-            "label_smoothing": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-            "mixup": (lambda v: v >= 0, "≥ 0"),
-            "cutmix": (lambda v: v >= 0, "≥ 0"),
-            "drop_path_rate": (lambda v: v >= 0, "≥ 0"),
-            "mixup_prob": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
-            "mixup_switch_prob": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
-            "ema_decay": (lambda v: v is None or 0.0 <= v < 1.0, "in [0, 1) or None"),
-            "top_k": (lambda v: is_int(v) and v >= 1, "a positive int"),
-            "nonfinite": (lambda v: v in ("skip", "stop"), "'skip' or 'stop'"),
-            "max_nonfinite_steps": (lambda v: is_int(v) and v >= 1, "a positive int"),
+            **dict.fromkeys("weight_decay warmup_steps warmup_epochs mixup cutmix drop_path_rate".split(), nonneg),
+            "betas": (lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v), "two numbers in [0, 1)"),
+            "label_smoothing": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"), "mixup_prob": unit, "mixup_switch_prob": unit,
+            "ema_decay": (lambda v: v is None or 0.0 <= v < 1.0, "in [0, 1) or None"), "top_k": pos_int,
+            "max_nonfinite_steps": pos_int, "nonfinite": (lambda v: v in ("skip", "stop"), "'skip' or 'stop'"),
         }
         for name, (valid, rule) in rules.items():
             if not valid(a[name]):
@@ -191,18 +147,14 @@ class ImageClassifier(LightningModule):
         if a["warmup_steps"] and a["warmup_epochs"]:
             raise ValueError("ImageClassifier: give warmup_steps or warmup_epochs, not both "
                              f"(got {a['warmup_steps']} and {a['warmup_epochs']})")
-        clash = {"num_classes", "img_size", "drop_path_rate", "pretrained"} & set(a["model_kwargs"] or {})
-        if clash:
+        if clash := {"num_classes", "img_size", "drop_path_rate", "pretrained"} & set(a["model_kwargs"] or {}):
             raise ValueError(f"ImageClassifier: set {sorted(clash)} as ImageClassifier arguments, not in model_kwargs")
 
     def _build(self, num_classes: int) -> None:
         """Create the timm model, its EMA copy, the metrics and the Mixup function for ``num_classes``."""
         hp = self.hparams
-        kwargs = dict(hp.model_kwargs or {})
-        if hp.img_size is not None:
-            kwargs["img_size"] = hp.img_size
-        if hp.drop_path_rate:
-            kwargs["drop_path_rate"] = hp.drop_path_rate
+        kwargs = {**(hp.model_kwargs or {}), **({"img_size": hp.img_size} if hp.img_size is not None else {}),
+                  **({"drop_path_rate": hp.drop_path_rate} if hp.drop_path_rate else {})}
         if not timm.is_model(hp.model_name):
             raise ValueError(f"ImageClassifier: unknown timm model {hp.model_name!r}; e.g. "
                              f"{timm.list_models('tokenformer*')}")
@@ -213,10 +165,8 @@ class ImageClassifier(LightningModule):
         if hp.ema_decay:
             self.ema = ModelEmaV3(self.model, decay=hp.ema_decay, use_warmup=hp.ema_warmup)
             self.ema.requires_grad_(False)  # no gradients, not in the optimizer, invisible to DDP's reducer
-        k5 = min(5, num_classes)
-        for stage in ("val", "test"):
-            setattr(self, f"{stage}_acc1", MulticlassAccuracy(num_classes, top_k=1, average="micro"))
-            setattr(self, f"{stage}_acc5", MulticlassAccuracy(num_classes, top_k=k5, average="micro"))
+        for name in ("val_acc1", "val_acc5", "test_acc1", "test_acc5"):
+            setattr(self, name, MulticlassAccuracy(num_classes, top_k=min(int(name[-1]), num_classes), average="micro"))
         if getattr(self.model, "token_routing", False):
             self.val_tlops = TLOps(len(self.model.blocks))
         if hp.mixup > 0 or hp.cutmix > 0:
@@ -233,15 +183,14 @@ class ImageClassifier(LightningModule):
         own = self.model.state_dict()
         new_head = {k for k, v in state.items() if k.startswith(f"{head}.") and k in own and own[k].shape != v.shape}
         body = {k: v for k, v in state.items() if k not in new_head}
-        problem = describe_mismatch(self.model, {**body, **{k: own[k] for k in new_head}})
-        if problem:
+        if problem := describe_mismatch(self.model, {**body, **{k: own[k] for k in new_head}}):
             raise ValueError(f"ImageClassifier: {path} does not fit {self.hparams.model_name}: {problem}")
         self.model.load_state_dict(body, strict=False)
         if new_head:
             log.info("pretrained %s: classifier %s re-initialised (shape differs)", path, sorted(new_head))
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = getattr(self._trainer, "datamodule", None)
         dm_classes = getattr(dm, "num_classes", None)
         if self.model is None:
             if dm_classes is None:
@@ -249,8 +198,7 @@ class ImageClassifier(LightningModule):
                                  "pass num_classes=")
             self.hparams["num_classes"] = int(dm_classes)
             size = getattr(dm, "img_size", None)  # build at the datamodule's size, saved so checkpoints reload
-            if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1]:
-                size = size[0]
+            size = size[0] if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1] else size
             if self.hparams.img_size is None and isinstance(size, int):
                 self.hparams["img_size"] = int(size)
             self._build(int(dm_classes))
@@ -258,7 +206,6 @@ class ImageClassifier(LightningModule):
             raise ValueError(f"ImageClassifier: the datamodule has {dm_classes} classes but the model was built "
                              f"for num_classes={self.num_classes}")
 
-    # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._require_model()(x)
 
@@ -273,10 +220,13 @@ class ImageClassifier(LightningModule):
         """The network used for validation/test/prediction: the EMA copy when enabled, else the model."""
         return self.ema.module if self.ema is not None else self._require_model()
 
-    # ----------------------------------------------------------------------------------------- training
+    @staticmethod
+    def _routing_stats(model: nn.Module) -> Any:
+        return model.routing_stats(strict=False) if getattr(model, "token_routing", False) else None
+
     def _mix(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixup/CutMix with soft targets. timm's Mixup pairs samples and needs an even batch: an odd last
-        sample is kept unmixed (with smoothed one-hot targets) rather than dropped."""
+        """Mixup/CutMix with soft targets. timm's Mixup needs an even batch: an odd last sample is kept unmixed
+        (with smoothed one-hot targets) rather than dropped."""
         n = len(images) - len(images) % 2
         if n == len(images):
             return self.mixup_fn(images, targets)
@@ -293,14 +243,13 @@ class ImageClassifier(LightningModule):
         if self.mixup_fn is not None:
             images, targets = self._mix(images, targets)
         loss = self.train_loss_fn(self.model(images), targets)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(images))
+        step_log = dict(on_step=True, on_epoch=False, batch_size=len(images))
+        self.log("train/loss", loss, prog_bar=True, **step_log)
         if getattr(self.model, "token_routing", False):
-            penalty = self.model.routing_loss()  # exactly 0 at the default λ = 0
-            loss = loss + penalty
-            stats = self.model.routing_stats(strict=False)
-            self.log("train/routing_loss", penalty.detach(), on_step=True, on_epoch=False, batch_size=len(images))
-            if stats is not None:
-                self.log("train/tlops", stats.tlops, on_step=True, on_epoch=False, batch_size=len(images))
+            loss = loss + (penalty := self.model.routing_loss())  # exactly 0 at the default λ = 0
+            self.log("train/routing_loss", penalty.detach(), **step_log)
+            if (stats := self._routing_stats(self.model)) is not None:
+                self.log("train/tlops", stats.tlops, **step_log)
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
         if not finite:  # agreed on every rank: a rank that skips alone would hang the others
             self._nonfinite(f"non-finite training loss at step {self.global_step}")
@@ -308,24 +257,23 @@ class ImageClassifier(LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if all(torch.isfinite(g).all() for g in grads):
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if all(torch.isfinite(p.grad).all() for p in params):
             self.nonfinite_streak = 0
             return
         # DDP has already averaged the gradients, so every rank takes this branch together
         self._nonfinite(f"non-finite gradient at step {self.global_step}")
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None  # the optimizer skips parameters without a gradient: no update, no moment change
+        for p in params:
+            p.grad = None  # the optimizer skips parameters without a gradient: no update, no moment change
 
     def _nonfinite(self, what: str) -> None:
         self.nonfinite_streak += 1
         self.log("train/nonfinite_steps", float(self.nonfinite_streak), on_step=True, on_epoch=False)
-        if self.hparams.nonfinite == "stop" or self.nonfinite_streak >= self.hparams.max_nonfinite_steps:
-            raise FloatingPointError(f"ImageClassifier: {what} ({self.nonfinite_streak} in a row); stopping "
-                                     f"(nonfinite={self.hparams.nonfinite!r}, max_nonfinite_steps="
-                                     f"{self.hparams.max_nonfinite_steps}). Lower the learning rate, check the data "
-                                     "for NaN/Inf, or use precision bf16-mixed/32.")
+        hp = self.hparams
+        if hp.nonfinite == "stop" or self.nonfinite_streak >= hp.max_nonfinite_steps:
+            raise FloatingPointError(f"ImageClassifier: {what} ({self.nonfinite_streak} in a row); stopping (nonfinite="
+                                     f"{hp.nonfinite!r}, max_nonfinite_steps={hp.max_nonfinite_steps}). Lower the "
+                                     "learning rate, check the data for NaN/Inf, or use precision bf16-mixed/32.")
         log.warning("ImageClassifier: %s; the optimizer step is skipped (nonfinite='skip')", what)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -335,30 +283,22 @@ class ImageClassifier(LightningModule):
             self.ema.update(self.model, step=self.trainer.global_step + 1)
 
     def on_train_epoch_end(self) -> None:
-        self._log_skipped_images()
-
-    def _log_skipped_images(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if getattr(dm, "skipped_images", None) is not None:
             self.log("data/skipped_images", float(dm.skipped_images), rank_zero_only=True)
 
-    # --------------------------------------------------------------------------------------- evaluation
     def _evaluate(self, batch: Any, stage: str) -> torch.Tensor | None:
         if batch is None:  # every image of the batch was unreadable (the data module counts them)
             return None
         images, targets = batch[0], batch[1]
-        model = self.eval_model
-        logits = model(images)
+        logits = self.eval_model(images)
         loss = F.cross_entropy(logits, targets)
-        acc1, acc5 = getattr(self, f"{stage}_acc1"), getattr(self, f"{stage}_acc5")
-        acc1.update(logits, targets)
-        acc5.update(logits, targets)
-        bs = len(images)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=bs)
-        self.log(f"{stage}/acc1", acc1, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
-        self.log(f"{stage}/acc5", acc5, on_step=False, on_epoch=True, batch_size=bs)
-        stats = model.routing_stats(strict=False) if getattr(model, "token_routing", False) else None
-        if stats is not None and stage == "val":
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(images))
+        for k in (1, 5):
+            acc = getattr(self, f"{stage}_acc{k}")
+            acc.update(logits, targets)
+            self.log(f"{stage}/acc{k}", acc, on_step=False, on_epoch=True, prog_bar=k == 1, batch_size=len(images))
+        if stage == "val" and (stats := self._routing_stats(self.eval_model)) is not None:
             self.val_tlops.update(stats.processed, stats.tokens)
         return loss
 
@@ -366,15 +306,13 @@ class ImageClassifier(LightningModule):
         return self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        if getattr(self, "val_tlops", None) is not None and not self.trainer.sanity_checking:
-            fractions = self.val_tlops.compute().float()
-            self.log("val/tlops", fractions.mean())
-            self.log("val/tlops_saving", 1.0 - fractions.mean())
-            for i, value in enumerate(fractions):
-                self.log(f"val/tlops_block{i}", value)
-        if getattr(self, "val_tlops", None) is not None:
-            self.val_tlops.reset()
-        self._log_skipped_images()
+        if (tlops := getattr(self, "val_tlops", None)) is not None:
+            if not self.trainer.sanity_checking:
+                fractions = tlops.compute().float()
+                self.log_dict({"val/tlops": fractions.mean(), "val/tlops_saving": 1.0 - fractions.mean(),
+                               **{f"val/tlops_block{i}": value for i, value in enumerate(fractions)}})
+            tlops.reset()
+        self.on_train_epoch_end()  # the skipped-images count
 
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         return self._evaluate(batch, "test")
@@ -385,37 +323,26 @@ class ImageClassifier(LightningModule):
         sample_indices)`` batches; a batch of unreadable images gives None."""
         if batch is None:
             return None
-        if isinstance(batch, torch.Tensor):
-            batch = (batch,)
-        images = batch[0]
-        model = self.eval_model
-        probs = model(images).float().softmax(dim=-1)
+        batch = (batch,) if isinstance(batch, torch.Tensor) else batch
+        probs = self.eval_model(batch[0]).float().softmax(dim=-1)
         top_probs, top_idx = probs.topk(min(self.hparams.top_k, probs.shape[-1]), dim=-1)
         out = {"topk_indices": top_idx, "topk_probs": top_probs, "targets": batch[1] if len(batch) > 1 else None,
                "indices": batch[2] if len(batch) > 2 else None}
-        stats = model.routing_stats(strict=False) if getattr(model, "token_routing", False) else None
-        if stats is not None:  # per-image fraction of the unrouted model's token-layer operations executed
+        if (stats := self._routing_stats(self.eval_model)) is not None:  # per image, fraction of the unrouted TLOps
             out["tlops"] = stats.per_image().float()
         return out
 
-    # ------------------------------------------------------------------------------------------ optimizer
     def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW parameter groups of the model's current parameters, ``decay`` then ``no_decay`` (1-d tensors
-        such as norms and biases, and the model's ``no_weight_decay()`` names: cls token, pos embedding). With the
-        default AdamW the decayed group carries ``weight_decay``; with a user factory its own setting applies."""
+        """Parameter groups ``decay`` then ``no_decay`` (1-d tensors and the model's ``no_weight_decay()``: cls
+        token, pos embedding). The decayed group carries ``weight_decay`` with the default AdamW only."""
         model = self._require_model()
         skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+        decay = {"weight_decay": self.hparams.weight_decay} if self.optimizer_fn is None else {}
         # weight_decay=1.0 only marks the decayed group (timm puts everything in no-decay when it is 0)
-        out = []
-        for group in param_groups_weight_decay(model, weight_decay=1.0, no_weight_decay_list=skip):
-            decayed = group["weight_decay"] > 0
-            new: dict[str, Any] = {"params": group["params"], "name": "decay" if decayed else "no_decay"}
-            if not decayed:
-                new["weight_decay"] = 0.0
-            elif self.optimizer_fn is None:
-                new["weight_decay"] = self.hparams.weight_decay
-            out.append(new)
-        return sorted(out, key=lambda g: g["name"])
+        groups = [{"params": g["params"], **({"name": "decay", **decay} if g["weight_decay"] > 0
+                                             else {"name": "no_decay", "weight_decay": 0.0})}
+                  for g in param_groups_weight_decay(model, weight_decay=1.0, no_weight_decay_list=skip)]
+        return sorted(groups, key=lambda g: g["name"])
 
     def warmup_steps_total(self) -> int:
         """Warmup length in optimizer steps (``warmup_epochs`` converted with the trainer's steps per epoch)."""
@@ -427,45 +354,35 @@ class ImageClassifier(LightningModule):
         return round(self.hparams.warmup_epochs * max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = self.param_groups()
-        if self.optimizer_fn is not None:
-            optimizer = self.optimizer_fn(groups)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                                          weight_decay=self.hparams.weight_decay)
+        hp, groups = self.hparams, self.param_groups()
+        optimizer = (self.optimizer_fn(groups) if self.optimizer_fn is not None else
+                     torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay))
         total = int(self.trainer.estimated_stepping_batches)  # also sets up the train dataloader
         base_lr = optimizer.param_groups[0]["lr"]
-        min_ratio = min(1.0, self.hparams.min_lr / base_lr) if base_lr > 0 else 0.0
+        min_ratio = min(1.0, hp.min_lr / base_lr) if base_lr > 0 else 0.0
         scheduler = LambdaLR(optimizer, WarmupCosine(self.warmup_steps_total(), max(total, 1), min_ratio))
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
     def on_train_start(self) -> None:
-        """A resumed fit restores the schedule saved with the checkpoint, whose cosine ends where the first run
-        ended: follow the trainer's current total of steps instead (e.g. ``--trainer.max_epochs`` raised), and say
-        so."""
+        """A resumed fit restores the checkpoint's schedule, whose cosine ends where the first run ended: follow
+        the trainer's current total of steps instead (e.g. ``--trainer.max_epochs`` raised), and say so."""
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        for config in self.trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            for fn in getattr(scheduler, "lr_lambdas", []):
+        for s in (config.scheduler for config in self.trainer.lr_scheduler_configs):
+            for fn in getattr(s, "lr_lambdas", []):
                 if isinstance(fn, WarmupCosine) and fn.total_steps != total:
                     log.warning("ImageClassifier: the LR schedule of the checkpoint ends at step %d; this run ends at "
                                 "step %d: the cosine now follows the new length", fn.total_steps, total)
                     fn.total_steps = total
-                    for group, base, lam in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
-                                                scheduler.lr_lambdas, strict=True):
-                        group["lr"] = base * lam(scheduler.last_epoch)
+                    for group, base, lam in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas, strict=True):
+                        group["lr"] = base * lam(s.last_epoch)
 
-    # ---------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.model is not None and hasattr(self.model, "token_counts"):
             checkpoint["token_counts"] = dict(self.model.token_counts)
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        names = getattr(dm, "class_names", None)
-        if names:  # class names and preprocessing, read by `tokenformer-vision export`
+        dm = getattr(self._trainer, "datamodule", None)
+        if names := getattr(dm, "class_names", None):  # class names and preprocessing, read by `export`
             checkpoint["class_names"] = [str(n) for n in names]
-        cfg = getattr(dm, "transform_config", None)
-        if cfg is not None:
+        if (cfg := getattr(dm, "transform_config", None)) is not None:
             checkpoint["data_config"] = {"mean": [float(v) for v in cfg.mean], "std": [float(v) for v in cfg.std],
                                          "crop_pct": float(cfg.crop_pct), "interpolation": str(cfg.interpolation)}
 
@@ -475,20 +392,16 @@ class ImageClassifier(LightningModule):
         state: dict[str, torch.Tensor] = checkpoint["state_dict"]
         model = self._require_model()
         weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-        counts = checkpoint.get("token_counts") or token_counts(weights)
-        if counts and hasattr(model, "grow"):
-            have = model.token_counts
-            if dict(counts) != have and all(counts[k] >= have[k] for k in have):
-                log.info("growing the model from %s to the checkpoint's %s", have, dict(counts))
-                model.grow(**counts)
-                if self.ema is not None:
-                    self.ema.module.grow(**counts)
-        problem = describe_mismatch(model, weights)
-        if problem:
+        counts, have = checkpoint.get("token_counts") or token_counts(weights), getattr(model, "token_counts", None)
+        if counts and hasattr(model, "grow") and dict(counts) != have and all(counts[k] >= have[k] for k in have):
+            log.info("growing the model from %s to the checkpoint's %s", have, dict(counts))
+            model.grow(**counts)
+            if self.ema is not None:
+                self.ema.module.grow(**counts)
+        if problem := describe_mismatch(model, weights):
             raise ValueError(f"the checkpoint does not fit this {self.hparams.model_name}: {problem}")
-        has_ema = any(k.startswith("ema.") for k in state)
-        if self.ema is not None and not has_ema:  # trained without EMA: start the average from its weights
+        ema_keys = [k for k in state if k.startswith("ema.")]
+        if self.ema is not None and not ema_keys:  # trained without EMA: start the average from its weights
             state.update({f"ema.module.{k}": v for k, v in weights.items()})
-        elif self.ema is None and has_ema:
-            for key in [k for k in state if k.startswith("ema.")]:
-                del state[key]
+        for key in ema_keys if self.ema is None else []:  # EMA weights, but no EMA copy to load them into
+            del state[key]

@@ -1,14 +1,7 @@
-"""Weights interchange: Lightning checkpoint → timm weights (safetensors + ``config.json``) → back; ONNX.
-
-``tokenformer-vision export --ckpt_path CKPT|last|best --out DIR [--ema] [--onnx]`` writes, into ``DIR``, the
-plain timm state dict as ``model.safetensors`` and timm's Hugging Face ``config.json`` (``architecture``,
-``num_classes``, ``label_names``, ``model_args`` with the grown token counts, ``pretrained_cfg`` with the data
-config), both by :func:`timm.models.save_for_hf`; with ``--onnx`` also ``model.onnx``, checked with onnxruntime.
-The model is rebuilt by :meth:`ImageClassifier.load_from_checkpoint`, growth included.
-
-Loading: :func:`load_exported`, ``timm.create_model('local-dir:DIR', pretrained=True)`` or
-``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH, num_classes=N))``.
-"""
+"""Weights interchange: Lightning checkpoint → timm weights (``model.safetensors`` + timm's Hugging Face
+``config.json``, with the grown token counts, class names and data config) → back, and ONNX (checked with
+onnxruntime); the CLI's ``tokenformer-vision export --ckpt_path CKPT|last|best --out DIR [--ema] [--onnx]``. Load an
+export with :func:`load_exported` or ``timm.create_model('local-dir:DIR', pretrained=True)``."""
 
 from __future__ import annotations
 
@@ -27,35 +20,26 @@ from .checkpoint import head_classes, read_checkpoint
 __all__ = ["WEIGHTS_NAME", "CONFIG_NAME", "ONNX_NAME", "load_classifier", "export_checkpoint", "save_timm_weights",
            "load_exported", "export_onnx", "check_onnx"]
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-ONNX_NAME = "model.onnx"
+WEIGHTS_NAME, CONFIG_NAME, ONNX_NAME = "model.safetensors", "config.json", "model.onnx"
 
 
 def load_classifier(ckpt_path: str | Path) -> Any:
-    """``ImageClassifier.load_from_checkpoint`` on the CPU, in eval mode, after
-    :func:`~tokenformer_vision.checkpoint.read_checkpoint` has named any problem of the file itself."""
+    """``ImageClassifier.load_from_checkpoint`` on the CPU, in eval mode, with clear errors for a wrong file."""
     from .classifier import ImageClassifier
 
     checkpoint = read_checkpoint(ckpt_path)
     if not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"{ckpt_path} is not a Lightning checkpoint: it has no 'state_dict'")
     if not (checkpoint.get("hyper_parameters") or {}).get("model_name"):
-        raise ValueError(f"{ckpt_path} is not a checkpoint of ImageClassifier: its hyper_parameters have no "
-                         "'model_name'")
+        raise ValueError(f"{ckpt_path} is not an ImageClassifier checkpoint: its hyper_parameters have no 'model_name'")
     return ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True).eval()
 
 
 def save_timm_weights(model: nn.Module, out_dir: str | Path, label_names: list[str] | None = None,
                       data_config: dict[str, Any] | None = None) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` in timm's local-dir / Hugging Face layout.
-
-    Args:
-        model: a model built by ``timm.create_model`` (its construction kwargs become ``model_args``).
-        out_dir: target directory (created).
-        label_names: class names, one per output.
-        data_config: mean/std/crop_pct/interpolation overrides of the model's pretrained_cfg.
-    """
+    """Write ``model.safetensors`` + ``config.json`` (timm's local-dir / Hugging Face layout) into ``out_dir`` for a
+    model built by ``timm.create_model``, with ``label_names`` (one per output) and ``data_config``
+    (mean/std/crop_pct/interpolation overrides of its pretrained_cfg)."""
     if not hasattr(model, "pretrained_cfg"):
         raise ValueError(f"{type(model).__name__} has no pretrained_cfg: build it with timm.create_model(...) so "
                          "its architecture and construction arguments can be written to config.json")
@@ -104,11 +88,10 @@ def load_exported(path: str | Path, *, model_name: str | None = None, num_classe
     """Load exported weights into a timm model (eval mode).
 
     Args:
-        path: an export directory (``config.json`` + ``model.safetensors``) or a ``.safetensors`` file. A file
-            without a ``config.json`` next to it needs ``model_name`` (and the kwargs it was built with, e.g.
-            ``img_size``); token counts and the number of classes are read from the file.
+        path: an export directory or a ``.safetensors`` file; without ``config.json`` next to it, the file needs
+            ``model_name`` and its build kwargs (e.g. ``img_size``; token counts and classes come from the file).
         model_name: architecture for a bare weights file; for a directory it must match ``config.json``.
-        num_classes: classes of the returned model. Differing from the saved head needs ``reset_classifier=True``.
+        num_classes: classes of the returned model; differing from the saved head needs ``reset_classifier=True``.
         reset_classifier: replace the head by a freshly initialised one with ``num_classes`` outputs.
         **kwargs: passed to ``timm.create_model`` (e.g. ``dynamic_img_size=True``).
     """
@@ -119,10 +102,11 @@ def load_exported(path: str | Path, *, model_name: str | None = None, num_classe
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not a timm export directory")
     if path.exists() and not path.is_dir() and path.suffix != ".safetensors":
         raise ValueError(f"{path} is neither an export directory nor a .safetensors file")
-    saved_classes = head_classes(read_checkpoint(weights))  # clear errors for a missing or truncated file
-    if num_classes is not None and num_classes != saved_classes and not reset_classifier:
-        raise ValueError(f"num_classes={num_classes} but the saved head has {saved_classes} classes; pass "
-                         f"reset_classifier=True to replace the head (fine-tuning), or num_classes={saved_classes}")
+    saved = head_classes(read_checkpoint(weights))  # clear errors for a missing or truncated file
+    if num_classes is not None and num_classes != saved and not reset_classifier:
+        raise ValueError(f"num_classes={num_classes} but the saved head has {saved} classes; pass "
+                         f"reset_classifier=True to replace the head (fine-tuning), or num_classes={saved}")
+    overlay = dict(file=str(weights), num_classes=saved)
     if config_path.is_file() and (path.is_dir() or model_name is None):
         config = json.loads(config_path.read_text())
         if model_name is not None and model_name != config.get("architecture"):
@@ -130,43 +114,35 @@ def load_exported(path: str | Path, *, model_name: str | None = None, num_classe
         if weights.name == WEIGHTS_NAME:
             model = timm.create_model(f"local-dir:{weights.parent}", pretrained=True, **kwargs)
         else:  # a renamed weights file next to a config: the architecture and args come from the config
-            model = timm.create_model(config["architecture"], pretrained=True, **{**config.get("model_args", {}),
-                                      **kwargs}, pretrained_cfg_overlay=dict(file=str(weights),
-                                                                             num_classes=saved_classes))
+            model = timm.create_model(config["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,
+                                      **{**config.get("model_args", {}), **kwargs})
+    elif model_name is None:
+        raise ValueError(f"{weights} has no {CONFIG_NAME} next to it: pass model_name= (and its kwargs)")
     else:
-        if model_name is None:
-            raise ValueError(f"{weights} has no {CONFIG_NAME} next to it: pass model_name= (and its kwargs)")
-        model = timm.create_model(model_name, pretrained=True, num_classes=saved_classes, **kwargs,
-                                  pretrained_cfg_overlay=dict(file=str(weights), num_classes=saved_classes))
+        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     if reset_classifier:
-        model.reset_classifier(saved_classes if num_classes is None else num_classes)
+        model.reset_classifier(saved if num_classes is None else num_classes)
     return model.eval()
 
 
 def _example_input(model: nn.Module, batch_size: int = 2) -> torch.Tensor:
-    input_size = get_model_input_config(model)["input_size"]  # the built size, not the pretrained cfg's 224²
-    param = next(model.parameters())
-    x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(0))
-    return x.to(param.device, param.dtype)
+    p, input_size = next(model.parameters()), get_model_input_config(model)["input_size"]  # as built, not cfg's 224²
+    return torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, example: torch.Tensor | None = None,
                 dynamic_batch: bool = True, opset: int | None = None) -> Path:
     """Export the eval-mode model to ONNX with torch.export (dynamic batch axis by default)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
+    (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
+    was_training, x = model.training, (_example_input(model) if example is None else example)
     model.eval()
-    x = _example_input(model) if example is None else example
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
     try:
-        program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
-                                    input_names=["pixel_values"], output_names=["logits"], verbose=False)
-        program.save(str(path))
+        torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
+                          input_names=["pixel_values"], output_names=["logits"], verbose=False).save(str(path))
     except Exception as e:
         if getattr(model, "routing", None) is None or model.routing.capacity is not None:
             raise
-        # threshold routing picks tokens by value at inference: torch.export cannot trace that data-dependent shape
         raise ValueError(f"ONNX export of a threshold-routed model failed ({type(e).__name__}): its token selection "
                          "is data-dependent, which torch.export cannot trace. Export a model without "
                          "token_routing, or with routing_capacity (static shapes)") from e
@@ -176,8 +152,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, example: torch.Tensor | N
 
 
 def check_onnx(path: str | Path, model: nn.Module, example: torch.Tensor, atol: float = 1e-4) -> float:
-    """Run the ONNX model with onnxruntime and compare with PyTorch; the max abs difference (RuntimeError if it
-    exceeds ``atol``)."""
+    """The max abs difference between onnxruntime's and PyTorch's outputs (RuntimeError if it exceeds ``atol``)."""
     import onnxruntime as ort  # optional dependency (dev extra), imported only when ONNX is asked for
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -17,11 +17,8 @@ __all__ = ["PredictionWriter", "read_predictions"]
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Collect top-k predictions during ``trainer.predict`` and write one row per image at the end.
-
-    Rows are ordered by sample index and de-duplicated (a distributed sampler pads the last batch), gathered
-    from every rank and written by rank 0. Names come from the datamodule: ``predict_names()`` for the images
-    and ``class_names`` for the classes (indices as strings when it has none).
+    """Collect top-k predictions during ``trainer.predict``; rank 0 then writes one row per image of every rank, by
+    sample index, without the sampler's padding duplicates, named by the datamodule's predict_names()/class_names.
 
     Args:
         output_path: ``*.json`` writes a list of records, anything else CSV with columns
@@ -31,7 +28,7 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, output_path: str | os.PathLike) -> None:
         super().__init__(write_interval="batch")
         self.output_path = os.fspath(output_path)
-        self._rows: list[tuple[int, int, list[int], list[float], float | None]] = []
+        self._rows: list[tuple] = []  # (sample index, target or -1, top-k classes, probs, tlops or None)
         self._seen = 0
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -40,23 +37,15 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
                            dataloader_idx: int = 0) -> None:
-        top_idx = prediction["topk_indices"].cpu().tolist()
-        top_prob = prediction["topk_probs"].float().cpu().tolist()
-        n = len(top_idx)
-        indices = prediction.get("indices")
-        if indices is not None:
-            indices = indices.cpu().tolist()
-        elif batch_indices is not None and trainer.world_size == 1:
-            indices = list(batch_indices)
-        else:
-            # no sample indices in the batch: position in this rank's stream (exact on a single process)
-            indices = list(range(self._seen, self._seen + n))
-        targets = prediction.get("targets")
-        targets = targets.cpu().tolist() if isinstance(targets, torch.Tensor) else [-1] * n
-        tlops = prediction.get("tlops")  # token routing: per-image fraction of token-layer operations executed
-        tlops = tlops.float().cpu().tolist() if isinstance(tlops, torch.Tensor) else [None] * n
+        n = len(prediction["topk_indices"])
+        column = lambda key, fill=None: (v.cpu().tolist() if isinstance(v := prediction.get(key), torch.Tensor)
+                                         else [fill] * n)
+        indices = (column("indices") if isinstance(prediction.get("indices"), torch.Tensor)
+                   else list(batch_indices) if batch_indices is not None and trainer.world_size == 1
+                   else list(range(self._seen, self._seen + n)))  # position in this rank's stream: exact on 1 process
         self._seen += n
-        self._rows.extend(zip(indices, targets, top_idx, top_prob, tlops, strict=True))
+        self._rows.extend(zip(indices, column("targets", -1), column("topk_indices"), column("topk_probs"),
+                              column("tlops"), strict=True))
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rows = self._rows
@@ -69,50 +58,33 @@ class PredictionWriter(BasePredictionWriter):
             self.write(trainer, [unique[i] for i in sorted(unique)])
         self._rows = []
 
-    def write(self, trainer: Trainer, rows: list[tuple[int, int, list[int], list[float], float | None]]) -> None:
-        dm = trainer.datamodule
-        class_names = list(getattr(dm, "class_names", None) or [])
-        names: list[str] = dm.predict_names() if hasattr(dm, "predict_names") else []
-
-        def cls(i: int) -> str:
-            return class_names[i] if 0 <= i < len(class_names) else str(i)
-
-        def name(i: int) -> str:
-            return names[i] if 0 <= i < len(names) else str(i)
-
-        folder = os.path.dirname(os.path.abspath(self.output_path))
-        os.makedirs(folder, exist_ok=True)
-        if self.output_path.endswith(".json"):
-            records = [{"name": name(i), "target": cls(t) if t >= 0 else None,
-                        "topk": [{"class": cls(c), "prob": p} for c, p in zip(top, probs, strict=True)],
-                        **({"tlops": tl} if tl is not None else {})}
-                       for i, t, top, probs, tl in rows]
-            with open(self.output_path, "w") as f:
-                json.dump(records, f, indent=1)
-            return
-        k = max((len(r[2]) for r in rows), default=0)
-        header = ["name", "target"] + [col for j in range(1, k + 1) for col in (f"top{j}", f"prob{j}")]
-        routed = any(r[4] is not None for r in rows)
+    def write(self, trainer: Trainer, rows: list[tuple]) -> None:
+        classes = list(getattr(trainer.datamodule, "class_names", None) or [])
+        names = trainer.datamodule.predict_names() if hasattr(trainer.datamodule, "predict_names") else []
+        label = lambda seq, i: seq[i] if 0 <= i < len(seq) else str(i)
+        records = [{"name": label(names, i), "target": label(classes, t) if t >= 0 else None,
+                    "topk": [{"class": label(classes, c), "prob": p} for c, p in zip(top, probs, strict=True)],
+                    **({"tlops": tl} if tl is not None else {})} for i, t, top, probs, tl in rows]
+        os.makedirs(os.path.dirname(os.path.abspath(self.output_path)), exist_ok=True)
         with open(self.output_path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header + (["tlops"] if routed else []))
-            for i, t, top, probs, tl in rows:
-                cells = [cell for c, p in zip(top, probs, strict=True) for cell in (cls(c), f"{p:.6f}")]
-                extra = [f"{tl:.6f}" if tl is not None else ""] if routed else []
-                writer.writerow([name(i), cls(t) if t >= 0 else "", *cells, *extra])
+            if self.output_path.endswith(".json"):
+                json.dump(records, f, indent=1)
+                return
+            k, routed = max((len(r["topk"]) for r in records), default=0), any("tlops" in r for r in records)
+            csv.writer(f).writerows([["name", "target", *(c for j in range(1, k + 1) for c in (f"top{j}", f"prob{j}")),
+                                      *["tlops"] * routed],
+                                     *([r["name"], r["target"] or "",
+                                        *(cell for e in r["topk"] for cell in (e["class"], f"{e['prob']:.6f}")),
+                                        *[f"{r['tlops']:.6f}" if "tlops" in r else ""] * routed] for r in records)])
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a file written by :class:`PredictionWriter` back as records ``{name, target, topk: [(class, p)]}``."""
     path = os.fspath(path)
-    if path.endswith(".json"):
-        with open(path) as f:
+    with open(path, newline="") as f:
+        if path.endswith(".json"):
             return [{"name": r["name"], "target": r["target"],
                      "topk": [(e["class"], float(e["prob"])) for e in r["topk"]]} for r in json.load(f)]
-    with open(path, newline="") as f:
-        out = []
-        for row in csv.DictReader(f):
-            k = sum(1 for key in row if key.startswith("top") and key[3:].isdigit())
-            out.append({"name": row["name"], "target": row["target"] or None,
-                        "topk": [(row[f"top{j}"], float(row[f"prob{j}"])) for j in range(1, k + 1)]})
-        return out
+        return [{"name": row["name"], "target": row["target"] or None,
+                 "topk": [(row[f"top{j}"], float(row[f"prob{j}"])) for j in range(1, len(row)) if f"top{j}" in row]}
+                for row in csv.DictReader(f)]
