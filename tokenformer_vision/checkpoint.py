@@ -1,21 +1,20 @@
-"""Reading saved weights, once for the whole package: Lightning ``.ckpt``, ``.pth`` and ``.safetensors``.
-
-Each step happens here and nowhere else: read a file safely (``weights_only=True``, never arbitrary code),
-choose the EMA or the raw weights, strip wrapper prefixes (timm's ``clean_state_dict``), recover the token counts
-and the head size, and load strictly with one error that names the real difference (``embed_dim``, depth, token
-counts, classes). The classifier, detection, export and the command line all go through it.
-"""
+"""Reading saved weights (Lightning ``.ckpt``, ``.pth``, ``.safetensors``), for the whole package: read safely
+(``weights_only=True``), choose the EMA or the raw weights, strip wrapper prefixes, recover the token counts and
+the head size, and load strictly with one error naming the real difference (embed_dim, depth, tokens, classes)."""
 
 from __future__ import annotations
 
 import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from timm.models import clean_state_dict
 from torch import nn
 
@@ -28,54 +27,37 @@ EMA_PREFIX = "ema.module."
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint or weights file into a dict, safely.
-
-    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: an empty, truncated or corrupt file; a pickle that ``weights_only`` refuses (its global is
-            named); or a file that holds no mapping.
-    """
+    """Read a checkpoint or weights file into a dict: ``.safetensors`` with safetensors, anything else with
+    ``torch.load(weights_only=True)``. FileNotFoundError, or ValueError for an empty, truncated or corrupt file, a
+    pickle that ``weights_only`` refuses (its global is named), or a file that holds no mapping."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise ValueError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return dict(load_file(str(path)))
         except (SafetensorError, OSError) as err:
             raise ValueError(f"cannot read {path}: truncated or not a safetensors file ({err})") from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
         refused = re.search(r"Unsupported global[^\n]*", str(err))
         if refused:  # never fall back to weights_only=False: that would run code from the file
             raise ValueError(f"refusing to load {path}: it holds objects that torch.load(weights_only=True) does not "
                              f"allow ({refused.group(0).strip()})") from err
         raise ValueError(f"cannot read checkpoint {path}: truncated or not a PyTorch checkpoint "
-                         f"({str(err).splitlines()[0]})") from err
-    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        raise ValueError(f"cannot read checkpoint {path}: truncated or not a PyTorch checkpoint "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+                         f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})") from err
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint")
     return dict(obj)
 
 
 def select_weights(checkpoint: Mapping[str, Any], ema: bool | None = None) -> dict[str, torch.Tensor]:
-    """The plain model state dict of a checkpoint: the EMA copy or the raw model, wrapper prefixes stripped.
-
-    Args:
-        checkpoint: what :func:`read_checkpoint` returned (a Lightning checkpoint of ``ImageClassifier``, a timm
-            training checkpoint with ``state_dict``/``state_dict_ema``, or a plain state dict).
-        ema: True: the EMA weights (an error when there are none); False: the raw weights; None: the EMA weights
-            when present (what the classifier validated with), else the raw ones.
-    """
+    """The plain model state dict of a checkpoint (an ImageClassifier ``.ckpt``, a timm training checkpoint or a
+    plain state dict), wrapper prefixes stripped. ``ema``: True: the EMA weights (an error when there are none);
+    False: the raw weights; None: the EMA weights when present (what the classifier validated with), else raw."""
     state = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state, Mapping):
         raise ValueError(f"the checkpoint's state_dict is a {type(state).__name__}, not a mapping")
@@ -89,8 +71,8 @@ def select_weights(checkpoint: Mapping[str, Any], ema: bool | None = None) -> di
         state = ema_state
     elif any(k.startswith(MODEL_PREFIX) for k in state):
         state = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
-    state = {k: v for k, v in clean_state_dict(dict(state)).items() if isinstance(v, torch.Tensor)}
-    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # torch.compile'd modules
+    # "_orig_mod.": torch.compile'd modules
+    state = {k.replace("_orig_mod.", ""): v for k, v in clean_state_dict(dict(state)).items() if torch.is_tensor(v)}
     if not state:
         raise ValueError("the checkpoint holds no tensors")
     return state
@@ -104,13 +86,10 @@ def load_weights(path: str | Path, ema: bool | None = None) -> dict[str, torch.T
 def token_counts(state: Mapping[str, torch.Tensor]) -> dict[str, int] | None:
     """``{"attn_tokens", "ffn_tokens"}`` of a TokenFormer state dict (the token axis of its blocks' Pattentions),
     or None when it holds no TokenFormer blocks. ValueError when the blocks disagree."""
-    found: dict[str, set[int]] = {"attn_tokens": set(), "ffn_tokens": set()}
-    for key, value in state.items():
-        if re.search(r"(^|\.)blocks\.\d+\.attn\.(q|k|v|proj)\.key_param$", key):
-            found["attn_tokens"].add(int(value.shape[0]))
-        elif re.search(r"(^|\.)blocks\.\d+\.(ffn|mlp)\.key_param$", key):
-            found["ffn_tokens"].add(int(value.shape[0]))
-    if not found["attn_tokens"] and not found["ffn_tokens"]:
+    patterns = {"attn_tokens": r"attn\.(q|k|v|proj)", "ffn_tokens": r"(ffn|mlp)"}
+    found = {name: {int(v.shape[0]) for k, v in state.items() if re.search(rf"(^|\.)blocks\.\d+\.{p}\.key_param$", k)}
+             for name, p in patterns.items()}
+    if not any(found.values()):
         return None
     for name, values in found.items():
         if len(values) != 1:
@@ -120,10 +99,9 @@ def token_counts(state: Mapping[str, torch.Tensor]) -> dict[str, int] | None:
 
 def head_classes(state: Mapping[str, torch.Tensor]) -> int:
     """Classes of a saved head (linear ``head.weight`` or Pattention ``head.value_param``); 0 without a head."""
-    if "head.weight" in state:
-        return int(state["head.weight"].shape[0])
-    if "head.value_param" in state:
-        return int(state["head.value_param"].shape[1])
+    for key, axis in (("head.weight", 0), ("head.value_param", 1)):
+        if key in state:
+            return int(state[key].shape[axis])
     return 0
 
 
@@ -144,20 +122,17 @@ def describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> st
              if saved.get(k) is not None and have.get(k) is not None and saved[k] != have[k]]
     if diffs:
         return "; ".join(diffs)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
               if k in own and v.shape != own[k].shape]
     parts = [f"{len(items)} {label} (e.g. {', '.join(items[:3])})" for label, items in
-             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
+             (("missing keys", sorted(set(own) - set(state))), ("unexpected keys", sorted(set(state) - set(own))),
+              ("shape mismatches", shapes)) if items]
     return "; ".join(parts) or None
 
 
 def adapt_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Pass ``state`` through the ``checkpoint_filter_fn`` of ``model``'s timm family when it has one (for a
     TokenFormer: grow to the saved token counts; for any ViT: resample the position embedding)."""
-    import sys
-
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is None:
         return dict(state)
@@ -169,7 +144,6 @@ def adapt_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dic
 
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """``model.load_state_dict(state, strict=True)``, or a ValueError naming what differs."""
-    problem = describe_mismatch(model, state)
-    if problem:
+    if problem := describe_mismatch(model, state):
         raise ValueError(f"{source} does not fit {type(model).__name__}: {problem}")
     model.load_state_dict(state, strict=True)

@@ -1,18 +1,15 @@
 """``tokenformer-vision``: the LightningCLI of :class:`ImageClassifier`, plus ``export`` and ``grow``.
 
-    tokenformer-vision fit --config configs/demo/digits.yaml
-    tokenformer-vision fit --data ImageFolderDataModule --data.root DIR --model.model_name tokenformer_tiny \\
-        --model.img_size 32 --trainer.max_epochs 5
+    tokenformer-vision fit --config configs/demo/digits.yaml  # or --data ImageFolderDataModule --data.root DIR ...
     tokenformer-vision fit --config CFG --ckpt_path last                  # resume the newest run of this experiment
     tokenformer-vision validate|test --config CFG --ckpt_path best        # or a .ckpt path
     tokenformer-vision predict --config CFG --ckpt_path best --predict_out preds.csv
     tokenformer-vision export --config CFG --ckpt_path best --out DIR     # timm weights (+ --onnx)
     tokenformer-vision grow --ckpt_path CKPT --out grown.ckpt --attn_tokens 1024 --ffn_tokens 4096
 
-Defaults added to Lightning's: a CSVLogger under ``runs/<model>-<data>/`` (the config's name when it has one),
-durable checkpoints (:mod:`tokenformer_vision.checkpointing`: best by ``val/acc1`` plus ``last.ckpt``,
-``--checkpoint.*``), LearningRateMonitor (``--lr_monitor.*``). ``data.num_classes`` feeds ``model.num_classes``;
-``model.img_size`` and ``model.model_name`` feed the data module, so the preprocessing matches the model.
+Defaults added to Lightning's: a CSVLogger under ``runs/<model>-<data>/``, durable checkpoints (best by
+``val/acc1`` plus ``last.ckpt``, ``--checkpoint.*``), LearningRateMonitor (``--lr_monitor.*``). ``data.num_classes``
+feeds ``model.num_classes``; ``model.img_size`` and ``model.model_name`` feed the data module's preprocessing.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import logging
 import os
 import shutil
 import sys
@@ -44,9 +40,7 @@ from .prediction import PredictionWriter
 
 __all__ = ["TokenFormerCLI", "main", "grow_checkpoint"]
 
-log = logging.getLogger(__name__)
 DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
-TOOLS = ("export", "grow")
 _STARTED: list[TokenFormerCLI] = []
 
 
@@ -57,10 +51,7 @@ class UsageError(Exception):
 def _get(ns: Any, dotted: str, default: Any = None) -> Any:
     """``ns['a.b.c']`` for nested Namespaces/dicts, ``default`` when a level is missing."""
     for key in dotted.split("."):
-        if isinstance(ns, (Namespace, dict)) and key in ns:
-            ns = ns[key]
-        else:
-            return default
+        ns = ns[key] if isinstance(ns, (Namespace, dict)) and key in ns else None
     return default if ns is None else ns
 
 
@@ -71,11 +62,17 @@ def _run_name(cfg: Any) -> str:
     return "-".join([str(_get(cfg, "model.model_name", "model")), data] + ([Path(str(root)).name] if root else []))
 
 
-def _logger_dir(cfg: Any) -> str | None:
-    logger = _get(cfg, "trainer.logger")
+def _resolve(which: str, cfg: Any) -> str:
+    """``last``/``best`` among the runs of ``cfg``'s checkpoint folder or CSVLogger folder (named by the run)."""
+    logger, log_dir = _get(cfg, "trainer.logger"), None
     if isinstance(logger, (Namespace, dict)) and "CSVLogger" in str(_get(logger, "class_path", "")):
-        return os.path.join(_get(logger, "init_args.save_dir", "runs"), _get(logger, "init_args.name", ""))
-    return None
+        name = _get(logger, "init_args.name")
+        log_dir = os.path.join(_get(logger, "init_args.save_dir", "runs"), _run_name(cfg) if name is None else name)
+    path = resolve_checkpoint(which, _get(cfg, "checkpoint.dirpath"), log_dir)
+    if path is None:
+        raise UsageError(f"ckpt_path={which}: no earlier run with a loadable last.ckpt under "
+                         f"{_get(cfg, 'checkpoint.dirpath') or log_dir} (pass the training config, or a .ckpt path)")
+    return path
 
 
 class TokenFormerCLI(LightningCLI):
@@ -88,19 +85,14 @@ class TokenFormerCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LastAndBestCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/acc1",
-            "checkpoint.mode": "max",
-            "checkpoint.save_last": True,
-            # no metric name in the file name: "val/acc1" would create a sub-folder
-            "checkpoint.filename": "best-epoch{epoch:03d}-acc1_{val/acc1:.4f}",
-            "checkpoint.auto_insert_metric_name": False,
-        })
+        # no metric name in the file name: "val/acc1" would create a sub-folder
+        parser.set_defaults({"checkpoint.monitor": "val/acc1", "checkpoint.mode": "max", "checkpoint.save_last": True,
+                             "checkpoint.filename": "best-epoch{epoch:03d}-acc1_{val/acc1:.4f}",
+                             "checkpoint.auto_insert_metric_name": False})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_argument("--predict_out", type=str | None, default=None,
-                            help="predict: write top-k predictions here (.csv or .json); default "
-                                 "<log_dir>/predictions.csv")
+                            help="predict: top-k predictions to .csv or .json; default <log_dir>/predictions.csv")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("model.img_size", "data.init_args.img_size")
         parser.link_arguments("model.model_name", "data.init_args.model_name")
@@ -118,10 +110,7 @@ class TokenFormerCLI(LightningCLI):
         which = cfg.get("ckpt_path")
         if which not in ("last", "best"):
             return
-        path = resolve_checkpoint(which, _get(cfg, "checkpoint.dirpath"), _logger_dir(cfg))
-        if path is None:
-            raise UsageError(f"ckpt_path={which}: no earlier run with a loadable last.ckpt under "
-                             f"{_get(cfg, 'checkpoint.dirpath') or _logger_dir(cfg)}")
+        path = _resolve(which, cfg)
         print(f"tokenformer-vision: ckpt_path={which} -> {path}", file=sys.stderr)
         cfg["ckpt_path"] = path
         if sub == "fit" and not _get(cfg, "checkpoint.dirpath"):
@@ -155,14 +144,11 @@ class TokenFormerCLI(LightningCLI):
         _STARTED.append(self)  # main() cleans up after a failed start
 
     def before_predict(self) -> None:
-        path = self.config["predict"].get("predict_out")
-        if path is None:
-            path = os.path.join(self.trainer.log_dir or ".", "predictions.csv")
+        path = self.config["predict"].get("predict_out") or os.path.join(self.trainer.log_dir or ".", "predictions.csv")
         self.trainer.callbacks.append(PredictionWriter(path))
         print(f"tokenformer-vision: writing predictions to {path}", file=sys.stderr)
 
 
-# ------------------------------------------------------------------------------------ export and grow
 def grow_checkpoint(ckpt_path: str, out: str, attn_tokens: int | None = None, ffn_tokens: int | None = None,
                     seed: int = 0) -> dict[str, int]:
     """Grow a Lightning checkpoint offline: the model, its EMA copy and the optimizer state (e.g. for FSDP).
@@ -170,12 +156,11 @@ def grow_checkpoint(ckpt_path: str, out: str, attn_tokens: int | None = None, ff
     Args:
         ckpt_path: the checkpoint of ImageClassifier (.ckpt).
         out: where to write the grown checkpoint.
-        attn_tokens: new parameter tokens of every attention projection (None: unchanged).
-        ffn_tokens: new parameter tokens of every FFN (None: unchanged).
+        attn_tokens: new token count of every attention projection (None: unchanged).
+        ffn_tokens: new token count of every FFN (None: unchanged).
         seed: seed of the new value tokens.
 
-    Returns:
-        The new token counts. The function is preserved: the logits are checked in float64.
+    Returns the new token counts; the float64 logits are checked to be unchanged.
     """
     from .checkpoint import read_checkpoint
     from .export import _example_input, load_classifier
@@ -185,24 +170,20 @@ def grow_checkpoint(ckpt_path: str, out: str, attn_tokens: int | None = None, ff
     module = load_classifier(ckpt_path)
     net = module.model
     probe = _example_input(net).double()
-    with torch.no_grad():
-        before = copy.deepcopy(net).double()(probe)
-    optimizers = []
-    for state in checkpoint.get("optimizer_states", []):  # parameters in ImageClassifier.param_groups() order
-        optimizer = torch.optim.AdamW(module.param_groups())
-        optimizer.load_state_dict(state)
-        optimizers.append(optimizer)
+    logits = torch.no_grad()(lambda: copy.deepcopy(net).double()(probe))
+    before = logits()
+    optimizers = [torch.optim.AdamW(module.param_groups()) for _ in checkpoint.get("optimizer_states", [])]
+    for optimizer, state in zip(optimizers, checkpoint.get("optimizer_states", []), strict=True):
+        optimizer.load_state_dict(state)  # parameters in ImageClassifier.param_groups() order
     grow_training_state(net, attn_tokens, ffn_tokens, optimizer=optimizers, ema=module.ema, seed=seed)
-    with torch.no_grad():
-        change = float((copy.deepcopy(net).double()(probe) - before).abs().max())
+    change = float((logits() - before).abs().max())
     if change > 1e-8:
         raise RuntimeError(f"growth changed the float64 logits by {change:.3g}; not writing {out}")
     checkpoint["state_dict"] = module.state_dict()
     checkpoint["optimizer_states"] = [opt.state_dict() for opt in optimizers]
     checkpoint["token_counts"] = dict(net.token_counts)
-    tmp = f"{out}.tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, out)
+    torch.save(checkpoint, f"{out}.tmp")
+    os.replace(f"{out}.tmp", out)
     return dict(net.token_counts)
 
 
@@ -218,41 +199,17 @@ def _tool(name: str, argv: list[str]) -> None:
     parser.add_function_arguments(fn)
     flags = {f"--{n}" for n, p in inspect.signature(fn).parameters.items() if isinstance(p.default, bool)}
     # boolean options work as flags too (`--onnx` as well as `--onnx true`)
-    argv = [t for i, a in enumerate(argv) for t in ([a, "true"] if a in flags and (i + 1 == len(argv) or argv[
-        i + 1].startswith("--")) else [a])]
+    argv = [t for a, nxt in zip(argv, [*argv[1:], "--"], strict=True)
+            for t in ([a, "true"] if a in flags and nxt.startswith("--") else [a])]
     args = parser.parse_args(argv).as_dict()
     config_path = args.pop("config")
     if args["ckpt_path"] in ("last", "best"):
         cfg = yaml.safe_load(Path(config_path).read_text()) if config_path else {}
         cfg.setdefault("trainer", {}).setdefault("logger", DEFAULT_LOGGER)
-        logger_dir = _logger_dir(cfg)
-        if logger_dir is not None and _get(cfg, "trainer.logger.init_args.name") is None:
-            logger_dir = os.path.join(logger_dir, _run_name(cfg))
-        path = resolve_checkpoint(args["ckpt_path"], _get(cfg, "checkpoint.dirpath"), logger_dir)
-        if path is None:
-            raise UsageError(f"ckpt_path={args['ckpt_path']}: no earlier run with a loadable last.ckpt under "
-                             f"{logger_dir} (pass --config with the training config, or a .ckpt path)")
-        args["ckpt_path"] = path
+        args["ckpt_path"] = _resolve(args["ckpt_path"], cfg)
     result = fn(**args)
     print(f"tokenformer-vision {name}: {args['ckpt_path']} -> {args['out']}"
           + (f" ({result})" if isinstance(result, dict) else ""))
-
-
-def _remove_empty_run(cli: TokenFormerCLI | None) -> None:
-    """After a failed start, drop the version folder it created if nothing of value was written into it."""
-    log_dir = getattr(getattr(cli, "trainer", None), "log_dir", None)
-    if log_dir and os.path.isdir(log_dir):
-        kept = [p for p in Path(log_dir).rglob("*") if p.is_file() and p.name not in ("config.yaml", "hparams.yaml")]
-        if not kept:
-            shutil.rmtree(log_dir, ignore_errors=True)
-
-
-def _user_error(err: BaseException | None) -> BaseException | None:
-    """The outermost ValueError/FileNotFoundError/TypeError in the chain (jsonargparse wraps the ones raised
-    while it builds the model or the data), or None."""
-    while err is not None and not isinstance(err, (ValueError, FileNotFoundError, TypeError)):
-        err = err.__cause__ or err.__context__
-    return err
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -266,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
                  "choose the classes through the data module, not the model")
     _STARTED.clear()
     try:
-        if args[:1] and args[0] in TOOLS:
+        if args[:1] in (["export"], ["grow"]):
             return _tool(args[0], args[1:])
         TokenFormerCLI(
             ImageClassifier, LightningDataModule, subclass_mode_data=True, args=argv,
@@ -277,9 +234,14 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as err:
         sys.exit(f"tokenformer-vision: error: {err}")
     except Exception as err:
-        if _STARTED:
-            _remove_empty_run(_STARTED[0])
-        cause = _user_error(err)
+        # after a failed start, drop the version folder it created if nothing of value was written into it
+        log_dir = getattr(getattr(_STARTED[0], "trainer", None), "log_dir", None) if _STARTED else None
+        if log_dir and os.path.isdir(log_dir) and not any(
+                p.is_file() and p.name not in ("config.yaml", "hparams.yaml") for p in Path(log_dir).rglob("*")):
+            shutil.rmtree(log_dir, ignore_errors=True)
+        cause = err  # the outermost ValueError/TypeError/FileNotFoundError: jsonargparse wraps those it meets
+        while cause is not None and not isinstance(cause, (ValueError, FileNotFoundError, TypeError)):
+            cause = cause.__cause__ or cause.__context__
         if not _STARTED and cause is not None:
             # a bad argument found while building the model or the data: the message is the useful part (from
             # jsonargparse's "Does not validate against any of the Union subtypes" essay, the errors it lists)

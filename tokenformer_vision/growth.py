@@ -1,19 +1,13 @@
 """Growing a TokenFormer in the middle of training, without Lightning: model, optimizer state and EMA copy.
 
-Growth appends parameter tokens with zero keys to every Pattention (:meth:`Pattention.grow`), which leaves the
-network's function unchanged. The grown tensors are new ``nn.Parameter`` objects (an in-place ``.data`` swap
-would leave autograd's gradient accumulators and DDP's reducer at the old shapes), so everything that refers to
-the old ones follows here:
-
-- the optimizer: each grown parameter's slot in its param group and its state move to the new object, with new
-  rows appended on the token axis (axis 0); the old rows and ``step`` are kept; the new rows' second moment is
-  the per-column mean of the old rows, so the new tokens' first updates are not oversized (a zero second moment
-  under a large step count gives ≈0.45·lr with β2 = 0.95, ≈3·lr with β2 = 0.999). LR schedulers refer to the
-  optimizer, not to parameters, so they stay valid;
-- an EMA copy (timm ``ModelEmaV3``) grows too; its new rows start equal to the model's.
-
-Under DDP, wrap the model in a new ``DistributedDataParallel`` afterwards (``GrowthCallback`` does that).
-"""
+:meth:`Pattention.grow` appends zero-key tokens (the function is unchanged) as new ``nn.Parameter`` objects (an
+in-place ``.data`` swap would leave autograd's accumulators and DDP's reducer at the old shapes), so what refers
+to the old ones follows here. The optimizer: each parameter's group slot and state move to the new object, with
+rows appended on the token axis; ``step`` and the old rows are kept; the new rows' second moment is the per-column
+mean of the old rows, so the new tokens' first updates are not oversized (a zero second moment under a large step
+count gives ≈0.45·lr with β2 = 0.95, ≈3·lr with β2 = 0.999). LR schedulers refer to the optimizer and stay valid.
+An EMA copy (timm ``ModelEmaV3``) grows too, its new rows equal to the model's. Under DDP, wrap the model in a new
+``DistributedDataParallel`` afterwards (``GrowthCallback`` does that)."""
 
 from __future__ import annotations
 
@@ -35,8 +29,7 @@ SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "s
 
 @dataclass
 class GrownParameter:
-    """One parameter that growth replaced: ``old`` (the pre-growth object), ``new`` (the model's parameter now)
-    and the number of rows it had before."""
+    """One parameter that growth replaced: ``old`` (the pre-growth object), ``new`` and ``old``'s row count."""
 
     name: str
     old: nn.Parameter
@@ -50,18 +43,9 @@ class GrownParameter:
 
 def grow_model(model: nn.Module, attn_tokens: int | None = None, ffn_tokens: int | None = None, *,
                seed: int | None = None) -> list[GrownParameter]:
-    """Grow ``model`` through its ``grow(attn_tokens=, ffn_tokens=, generator=)`` and report what changed.
-
-    Args:
-        model: a module with TokenFormer's ``grow`` method (e.g. :class:`~tokenformer_vision.TokenFormerViT`).
-        attn_tokens: new token count of every attention projection, None to keep it.
-        ffn_tokens: new token count of every FFN Pattention, None to keep it.
-        seed: seeds the ``torch.Generator`` that draws the new value tokens, so that every DDP rank and a resumed
-            run draw the same values; None uses the global RNG.
-
-    Returns:
-        The grown parameters, in ``model.named_parameters()`` order.
-    """
+    """Grow ``model`` (e.g. a :class:`~tokenformer_vision.TokenFormerViT`) through its ``grow`` method to the
+    given token counts (None: unchanged) and return the grown parameters, in ``named_parameters()`` order.
+    ``seed`` seeds the new value tokens, so that every DDP rank and a resumed run agree (None: the global RNG)."""
     if not callable(getattr(model, "grow", None)):
         raise TypeError(f"{type(model).__name__} has no grow() method; growth needs a TokenFormer model")
     before = dict(model.named_parameters())
@@ -76,17 +60,14 @@ def grow_model(model: nn.Module, attn_tokens: int | None = None, ffn_tokens: int
 
 def grow_param_state(state: Mapping[str, Any], old_rows: int, new_shape: Sequence[int] | torch.Size, *,
                      second_moment: SecondMoment = "mean") -> dict[str, Any]:
-    """Grow one parameter's optimizer state from ``old_rows`` rows to ``new_shape`` by appending rows.
-
-    Element-wise entries get the new rows: second-moment entries (:data:`SECOND_MOMENT_KEYS`) the per-column mean
-    of the old rows when ``second_moment="mean"``, everything else zeros. Scalars (``step``) are kept, and so are
-    the old rows, exactly. Any other shape (e.g. Adafactor's factored state) raises ValueError.
+    """Grow one parameter's optimizer state from ``old_rows`` rows to ``new_shape`` by appending rows: the per-column
+    mean of the old rows for second-moment entries (:data:`SECOND_MOMENT_KEYS`) when ``second_moment="mean"``, else
+    zeros. Scalars (``step``) and the old rows are kept exactly. Any other shape (e.g. Adafactor's) is a ValueError.
     """
     if second_moment not in ("mean", "zero"):
         raise ValueError(f"second_moment must be 'mean' or 'zero', got {second_moment!r}")
     new_shape = tuple(int(s) for s in new_shape)
-    extra = new_shape[0] - old_rows
-    if extra < 0:
+    if (extra := new_shape[0] - old_rows) < 0:
         raise ValueError(f"cannot shrink optimizer state from {old_rows} to {new_shape[0]} rows")
     out: dict[str, Any] = {}
     for key, value in state.items():
@@ -111,12 +92,10 @@ def grow_optimizer(optimizer: torch.optim.Optimizer, grown: Iterable[GrownParame
     by_old = {id(g.old): g for g in grown}
     for group in optimizer.param_groups:
         for i, param in enumerate(group["params"]):
-            g = by_old.get(id(param))
-            if g is None:
+            if (g := by_old.get(id(param))) is None:
                 continue
             group["params"][i] = g.new
-            state = optimizer.state.pop(param, None)
-            if state:
+            if state := optimizer.state.pop(param, None):
                 optimizer.state[g.new] = grow_param_state(state, g.old_rows, g.new.shape, second_moment=second_moment)
 
 
@@ -142,14 +121,10 @@ def grow_training_state(model: nn.Module, attn_tokens: int | None = None, ffn_to
                         ema: nn.Module | None = None, seed: int | None = None,
                         second_moment: SecondMoment = "mean") -> list[GrownParameter]:
     """Grow a model with its optimizer(s) and EMA copy; safe at any point between two optimizer steps, also with
-    the previous step's graph or a pending (accumulated) gradient still alive.
-
-    Under DDP, pass the unwrapped module and wrap it in a new ``DistributedDataParallel`` afterwards.
-    """
+    the previous step's graph or a pending (accumulated) gradient still alive. Under DDP, pass the unwrapped module
+    and wrap it in a new ``DistributedDataParallel`` afterwards."""
     grown = grow_model(model, attn_tokens, ffn_tokens, seed=seed)
-    optimizers = [] if optimizer is None else [optimizer] if isinstance(optimizer, torch.optim.Optimizer) \
-        else list(optimizer)
-    for opt in optimizers:
+    for opt in [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else optimizer or []:
         grow_optimizer(opt, grown, second_moment=second_moment)
     if ema is not None:
         grow_ema(ema, model, grown)

@@ -4,8 +4,7 @@ For input ``x``, keys ``K [n, d_in]`` and values ``V [n, d_out]`` (docs/architec
 
     A = x Kᵀ,   r = max(‖A‖₂, eps),   u = τ A / r,   S = GeLU(u),   Y = S V
 
-Compared with plain autograd through the formula, which keeps ``A``, ``u`` and ``S`` alive and runs ~10 passes
-over ``[tokens, n]``:
+Compared with plain autograd (which keeps ``A``, ``u`` and ``S`` alive and runs ~10 passes over ``[tokens, n]``):
 
 * the forward works in place on the fresh GEMM output and saves only ``u`` (fp32 inputs) or ``A`` in the input
   dtype (bf16/fp16: half the memory, ``u`` is recomputed exactly); ``S`` is recomputed in backward;
@@ -34,10 +33,6 @@ from timm.layers import register_notrace_function
 __all__ = ["pattention_fused"]
 
 Tau = torch.Tensor | float
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _tau_column(taus: Sequence[Tau]) -> Tau:
@@ -76,7 +71,7 @@ def _formula(x2d: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[t
     outs = []
     for i, (key, value) in enumerate(zip(keys, values, strict=True)):
         scores = x2d @ key.t()
-        wide = scores.to(_compute_dtype(scores.dtype))
+        wide = scores.to(torch.promote_types(scores.dtype, torch.float32))
         t = tau[i, 0] if isinstance(tau, torch.Tensor) else tau
         weights = F.gelu(wide * (t / torch.linalg.vector_norm(wide, dim=-1, keepdim=True).clamp_min(eps)))
         outs.append(weights.to(scores.dtype) @ value)
@@ -84,9 +79,8 @@ def _formula(x2d: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[t
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` as ``addmm`` with a zero bias (the same result): ``nn.Linear`` reaches the BLAS through
-    ``addmm``, and on CPU that dispatch runs the small-M GEMMs of batch-1 inference faster than ``mm``
-    (docs/benchmarks.md)."""
+    """``a @ b`` as ``addmm`` with a zero bias, as ``nn.Linear`` does: on CPU that dispatch runs the small-M GEMMs
+    of batch-1 inference faster than ``mm`` (docs/benchmarks.md)."""
     return torch.addmm(a.new_zeros(b.shape[1]), a, b)
 
 
@@ -97,7 +91,7 @@ def _forward(x2d: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[t
     groups, n = len(keys), keys[0].shape[0]
     key_cat = keys[0] if groups == 1 else torch.cat(list(keys), dim=0)
     scores = _gemm(x2d, key_cat.t())  # [T, G·n], a fresh buffer we may overwrite
-    cdt = _compute_dtype(scores.dtype)
+    cdt = torch.promote_types(scores.dtype, torch.float32)
     widened = scores.dtype != cdt
     w = scores.view(x2d.shape[0], groups, n)
     u, norm = _normalize_inplace(w.to(cdt) if widened else w, _cast(tau, cdt), eps)
@@ -114,8 +108,7 @@ class _FusedPattention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d: torch.Tensor, tau: Tau, eps: float, groups: int, *params: torch.Tensor):
         outs, saved, norm = _forward(x2d, params[:groups], params[groups:], tau, eps, for_backward=True)
-        ctx.groups, ctx.eps = groups, eps
-        ctx.tau_float = None if isinstance(tau, torch.Tensor) else tau
+        ctx.groups, ctx.eps, ctx.tau_float = groups, eps, None if isinstance(tau, torch.Tensor) else tau
         ctx.save_for_backward(x2d, saved, norm, *params, *(() if ctx.tau_float is not None else (tau,)))
         return tuple(outs)
 
@@ -134,8 +127,7 @@ class _FusedPattention(torch.autograd.Function):
             grads = [next(got) if need else None for need in (needs[0], *needs[4:])]
             return (grads[0], None, None, None, *grads[1:])
 
-        rows, n = x2d.shape[0], keys[0].shape[0]
-        cdt = _compute_dtype(x2d.dtype)
+        rows, n, cdt = x2d.shape[0], keys[0].shape[0], torch.promote_types(x2d.dtype, torch.float32)
         tau_c = _cast(tau, cdt)
         u = saved if saved.dim() == 3 else _normalize_inplace(saved.view(rows, groups, n).to(cdt), tau_c, eps)[0]
         weights = F.gelu(u)  # recomputed instead of stored
@@ -148,37 +140,16 @@ class _FusedPattention(torch.autograd.Function):
         # the recomputed weights are dead now: their buffer takes the u·g product
         dA = _scores_grad(dS.to(cdt), u, norm, tau_c, eps, scratch=weights).to(x2d.dtype).view(rows, groups * n)
         grad_x = torch.mm(dA, torch.cat(list(keys), dim=0)) if needs[0] else None
-        grad_keys: list[torch.Tensor | None] = [None] * groups
-        if any(needs[4: 4 + groups]):
-            grad_keys = list(torch.mm(dA.t(), x2d).split(n, dim=0))
+        grad_keys = torch.mm(dA.t(), x2d).split(n, dim=0) if any(needs[4: 4 + groups]) else (None,) * groups
         return (grad_x, None, None, None, *grad_keys, *grad_values)
-
-
-def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the GEMMs run in: the autocast dtype when autocast is on (as ``F.linear`` would), else x's."""
-    device = x.device.type
-    if not torch.amp.is_autocast_available(device):  # e.g. meta tensors (timm builds models on meta)
-        return x.dtype
-    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
 
 
 @register_notrace_function  # timm FX feature extraction: keep the kernel call as one leaf
 def pattention_fused(x: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
                      taus: Sequence[Tau], eps: float) -> list[torch.Tensor]:
-    """G Pattentions on the same input ``x [..., d_in]``, with one GEMM for all their scores.
-
-    Args:
-        x: input tokens ``[..., d_in]``.
-        keys: G key matrices ``[n, d_in]`` (the same n).
-        values: G value matrices ``[n, d_out_i]``.
-        taus: G scales τ (tensors or floats; never trainable).
-        eps: floor of the row norms (keeps an all-zero row finite).
-
-    Returns:
-        The G outputs ``[..., d_out_i]``.
-    """
+    """G Pattentions on the same input ``x [..., d_in]``, with one GEMM for all their scores: G keys ``[n, d_in]``
+    (the same n), values ``[n, d_out_i]`` and scales τ (tensors or floats, never trainable); ``eps`` floors the row
+    norms. Returns the G outputs ``[..., d_out_i]``."""
     groups = len(keys)
     if groups == 0 or len(values) != groups or len(taus) != groups:
         raise ValueError(f"pattention_fused: need G ≥ 1 matching keys/values/taus, got {len(keys)}, "
@@ -192,7 +163,9 @@ def pattention_fused(x: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequ
         raise ValueError(f"Pattention expects inputs with last dimension {d_in}, got shape {tuple(x.shape)}")
     if any(isinstance(t, torch.Tensor) and t.requires_grad for t in taus):
         raise ValueError("pattention_fused: τ must not require grad (it is a buffer, not a parameter)")
-    dtype = _gemm_dtype(x)
+    dev = x.device.type  # GEMMs in the autocast dtype, as F.linear's; meta tensors (timm builds on meta) have none
+    dtype = torch.get_autocast_dtype(dev) if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev) \
+        and x.dtype in (torch.float32, torch.float16, torch.bfloat16) else x.dtype
     x2d = x.reshape(-1, d_in).to(dtype)
     params = tuple(p.to(dtype) for p in (*keys, *values))
     tau = _tau_column(list(taus))

@@ -1,10 +1,9 @@
 """Pattention: token-parameter attention, the layer that replaces every linear projection in TokenFormer.
 
-Input tokens are queries; the layer's parameters are ``n`` key tokens ``K [n, d_in]`` and ``n`` value tokens
-``V [n, d_out]``: ``Y = GeLU(τ · A / max(‖A‖₂ over n, eps)) V`` with ``A = X Kᵀ`` (computed by
-:mod:`tokenformer_vision.kernel`). τ is fixed at creation (``sqrt(n0)``) and kept as a buffer, so appending zero
-keys (:meth:`Pattention.grow`) leaves the function unchanged; ``dynamic_scale=True`` gives the official
-behaviour, τ = sqrt(current n).
+Input tokens are queries against ``n`` key tokens ``K [n, d_in]`` and value tokens ``V [n, d_out]``:
+``Y = GeLU(τ · A / max(‖A‖₂ over n, eps)) V`` with ``A = X Kᵀ`` (:mod:`tokenformer_vision.kernel`). τ is fixed at
+creation (``sqrt(n0)``, a buffer), so appending zero keys (:meth:`Pattention.grow`) leaves the function unchanged;
+``dynamic_scale=True`` gives the official behaviour, τ = sqrt(current n).
 """
 
 from __future__ import annotations
@@ -27,44 +26,24 @@ def default_value_std(depth: int, dim: int) -> float:
 class Pattention(nn.Module):
     """Token-parameter attention layer (TokenFormer), a drop-in for a bias-free ``nn.Linear``.
 
-    Args:
-        in_features: size of each input token (d_in).
-        out_features: size of each output token (d_out).
-        num_tokens: number of parameter tokens n (key/value pairs).
-        dynamic_scale: official behaviour, τ = sqrt(current n) on every call. Growth then changes the function.
-        eps: floor of the row norm (keeps all-zero rows finite).
-        key_std: std of the key tokens' normal init (official 0.02).
-        value_std: std of the value tokens' normal init; default ``2 / sqrt(in_features)`` (wang init at depth 1).
-            Models pass ``default_value_std(depth, embed_dim)``.
-        device, dtype: where and in what precision to build the parameters.
+    ``in_features``/``out_features`` are d_in/d_out and ``num_tokens`` is n. ``dynamic_scale``: τ = sqrt(current n)
+    on every call (official; growth then changes the function). ``eps`` floors the row norm. The key tokens are
+    drawn from N(0, ``key_std``²) (official 0.02), the values from N(0, ``value_std``²), default
+    ``2 / sqrt(in_features)`` (wang init at depth 1; models pass ``default_value_std(depth, embed_dim)``).
     """
 
     tau: torch.Tensor
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        num_tokens: int,
-        *,
-        dynamic_scale: bool = False,
-        eps: float = 1e-6,
-        key_std: float = 0.02,
-        value_std: float | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, num_tokens: int, *, dynamic_scale: bool = False,
+                 eps: float = 1e-6, key_std: float = 0.02, value_std: float | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features),
-                            ("num_tokens", num_tokens)):
+        for name, value in (("in_features", in_features), ("out_features", out_features), ("num_tokens", num_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Pattention: {name} must be a positive int, got {value!r}")
         dd = {"device": device, "dtype": dtype}
-        self.in_features = in_features
-        self.out_features = out_features
-        self.dynamic_scale = dynamic_scale
-        self.eps = eps
-        self.key_std = key_std
+        self.in_features, self.out_features, self.dynamic_scale = in_features, out_features, dynamic_scale
+        self.eps, self.key_std = eps, key_std
         self.value_std = value_std if value_std is not None else default_value_std(1, in_features)
         self.key_param = nn.Parameter(torch.empty(num_tokens, in_features, **dd))
         self.value_param = nn.Parameter(torch.empty(num_tokens, out_features, **dd))
@@ -95,36 +74,27 @@ class Pattention(nn.Module):
     def grow(self, num_tokens: int, *, generator: torch.Generator | None = None) -> None:
         """Append parameter tokens up to ``num_tokens``: zero keys, N(0, value_std²) values, τ unchanged.
 
-        Zero keys score exactly 0 against every input, GeLU(0) = 0 and the row norm is unchanged, so the layer's
-        function is preserved exactly (up to summation order). The values are random, not zero, so the new tokens
-        receive gradient through their keys and start learning.
-
-        The grown tensors are new ``nn.Parameter`` objects. Growing in place (``p.data = bigger``) would leave
-        autograd's cached gradient accumulator, and DDP's reducer, at the old shape, and the next backward would
-        fail; :func:`tokenformer_vision.growth.grow_training_state` moves optimizer state to the new objects.
-
-        Args:
-            num_tokens: the new total n; must be ≥ the current n.
-            generator: draws the new values (on the CPU, then moved), so that every rank and a resumed run draw
-                the same ones; None uses the global RNG.
+        Zero keys score exactly 0 against every input, GeLU(0) = 0 and the row norm is unchanged, so the function
+        is preserved (up to summation order); random values let the new tokens' keys receive gradient. The grown
+        tensors are new ``nn.Parameter`` objects: an in-place ``p.data = bigger`` would leave autograd's gradient
+        accumulator and DDP's reducer at the old shape (:func:`tokenformer_vision.growth.grow_training_state` moves
+        the optimizer state). ``generator`` draws the new values on the CPU, so that every rank and a resumed run
+        draw the same ones (None: the global RNG).
         """
-        old = self.num_tokens
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < old:
-            raise ValueError(f"Pattention.grow: cannot shrink or keep a non-int token count: have {old} tokens, "
-                             f"asked for {num_tokens!r}")
-        if num_tokens == old:
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < self.num_tokens:
+            raise ValueError(f"Pattention.grow: cannot shrink or keep a non-int token count: have {self.num_tokens} "
+                             f"tokens, asked for {num_tokens!r}")
+        if (extra := num_tokens - self.num_tokens) == 0:
             return
-        extra = num_tokens - old
-        key, value = self.key_param, self.value_param
         new_values = torch.randn(extra, self.out_features, generator=generator) * self.value_std
-        grown = {"key_param": torch.cat([key, key.new_zeros(extra, self.in_features)]),
-                 "value_param": torch.cat([value, new_values.to(value.device, value.dtype)])}
-        for name, old_param in (("key_param", key), ("value_param", value)):
-            new = nn.Parameter(grown[name], requires_grad=old_param.requires_grad)
+        for name, rows in (("key_param", None), ("value_param", new_values)):
+            old = getattr(self, name)
+            rows = old.new_zeros(extra, old.shape[1]) if rows is None else rows.to(old.device, old.dtype)
+            new = nn.Parameter(torch.cat([old, rows]), requires_grad=old.requires_grad)
             # a pending gradient (mid accumulation) keeps its rows; the new tokens' rows are zero, as they took
             # no part in the forward that produced it
-            if old_param.grad is not None:
-                new.grad = torch.cat([old_param.grad, old_param.grad.new_zeros(extra, *old_param.grad.shape[1:])])
+            if old.grad is not None:
+                new.grad = torch.cat([old.grad, old.grad.new_zeros(extra, *old.grad.shape[1:])])
             setattr(self, name, new)
 
     def extra_repr(self) -> str:
