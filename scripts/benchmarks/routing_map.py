@@ -68,16 +68,14 @@ def load_image(args: argparse.Namespace, size: tuple[int, int]) -> tuple[np.ndar
         label = Path(args.image).name
         mean = np.array(args.mean or (0.485, 0.456, 0.406), dtype=np.float32)
         std = np.array(args.std or (0.229, 0.224, 0.225), dtype=np.float32)
-    else:
-        from tokenformer_vision.data import load_digits_rgb, split_digits
+    else:  # the digit as DigitsDataModule gives it to the model (upscaled once, its normalisation statistics)
+        from tokenformer_vision import DigitsDataModule
 
-        images, targets = load_digits_rgb()
-        rgb = images[args.digit].astype(np.float32) / 255.0
-        label = f"sklearn digit #{args.digit} (class {int(targets[args.digit])})"
-        train_idx, _ = split_digits(targets, 0.2, 0)  # DigitsDataModule's default normalisation statistics
-        pixels = images[train_idx, ..., 0].astype(np.float64) / 255.0
-        mean = np.array(args.mean or (pixels.mean(),) * 3, dtype=np.float32)
-        std = np.array(args.std or (pixels.std(),) * 3, dtype=np.float32)
+        dm = DigitsDataModule(img_size=size, num_workers=0)
+        rgb = dm.images[args.digit].astype(np.float32) / 255.0
+        label = f"sklearn digit #{args.digit} (class {int(dm.targets[args.digit])})"
+        mean = np.array(args.mean or dm.transform_config.mean, dtype=np.float32)
+        std = np.array(args.std or dm.transform_config.std, dtype=np.float32)
     t = torch.from_numpy(rgb).permute(2, 0, 1)[None]
     t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
     display = t[0].permute(1, 2, 0).numpy()
@@ -141,7 +139,9 @@ def main() -> None:
         logits = model(x.to(device))
     stats = model.routing_stats()
     depth = model.routing_depth_map()[0, model.num_prefix_tokens:].reshape(model.patch_embed.grid_size).cpu().numpy()
-    title = (f"{label}: predicted {int(logits.argmax())}, threshold {args.threshold:g}, "
+    rule = (f"capacity {model.routing.capacity:g}" if model.routing.capacity is not None
+            else f"threshold {args.threshold:g}")
+    title = (f"{label}: predicted {int(logits.argmax())}, {rule}, "
              f"TLOps {100 * stats.tlops:.1f}% of the unrouted model"
              + ("" if args.weights else " (untrained gates)"))
     render(display, depth, len(model.blocks), title, args.out)
