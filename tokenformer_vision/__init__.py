@@ -13,20 +13,9 @@ from .pattention import Pattention
 __version__ = "0.2.0"
 
 # public name -> submodule that defines it (imported on first attribute access)
-_LAZY = {
-    "ImageClassifier": ".classifier",
-    "ImageFolderDataModule": ".data",
-    "ImageNetDataModule": ".data",
-    "DigitsDataModule": ".data",
-    "GrowthCallback": ".callbacks",
-}
-
-__all__ = [
-    "Pattention",
-    "TokenFormerViT",
-    "checkpoint_filter_fn",
-    *_LAZY,
-]
+_LAZY = {"ImageClassifier": ".classifier", "ImageFolderDataModule": ".data", "ImageNetDataModule": ".data",
+         "DigitsDataModule": ".data", "GrowthCallback": ".callbacks"}
+__all__ = ["Pattention", "TokenFormerViT", "checkpoint_filter_fn", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

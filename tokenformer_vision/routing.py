@@ -2,7 +2,7 @@
 
 Every block after the first has a router (timm ``Mlp``: ``Linear(d→d/4) → ReLU → Linear(→1)``) that gives each
 token entering it a *keep probability* ``k = sigmoid(logit)`` (the last bias starts at +1: k ≈ 0.73). Prefix
-(cls) tokens are always processed. Two ways to choose the tokens (docs/architecture.md, "Token routing"):
+(cls) tokens are always processed. Two ways to choose the tokens (README, "Token routing"):
 
 - **Threshold** (token-selective routing, TSA): a token is processed when ``k ≥ 1 − routing_threshold``. Training
   uses the same hard decisions as inference, with a straight-through estimator: the forward masks skipped tokens
