@@ -258,7 +258,8 @@ class ImageClassifier(LightningModule):
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if all(torch.isfinite(p.grad).all() for p in params):
+        # one host sync per step, not one per parameter: this runs on every optimizer step
+        if not params or bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all()):
             self.nonfinite_streak = 0
             return
         # DDP has already averaged the gradients, so every rank takes this branch together
