@@ -1,8 +1,7 @@
 """The TokenFormer block: timm's pre-norm ViT block with every projection a Pattention, and the patch embedding.
 
-:class:`TokenFormerBlock` takes the arguments timm's ``VisionTransformer`` passes to its ``block_fn`` and the
-same ``forward(x, attn_mask=None)``; it adds an optional per-token ``gate`` that scales both residual updates,
-which is how token routing (:mod:`tokenformer_vision.routing`) runs a block on some tokens only.
+:class:`TokenFormerBlock` takes timm's ``block_fn`` arguments and ``forward(x, attn_mask=None)``; its per-token
+``gate`` (:meth:`~TokenFormerBlock.forward_gated`) is how token routing runs a block on some tokens only.
 """
 
 from __future__ import annotations
@@ -21,12 +20,9 @@ __all__ = ["PattentionAttention", "TokenFormerBlock", "PattentionPatchEmbed"]
 
 
 class PattentionAttention(nn.Module):
-    """Multi-head self-attention whose Q, K, V and output projections are Pattention layers.
-
-    Token-token attention is ordinary softmax attention (``F.scaled_dot_product_attention``) and takes an
-    ``attn_mask`` as timm's ``Attention`` does (bool, or an additive float bias broadcasting to
-    ``[B, heads, N, N]``).
-    """
+    """Multi-head self-attention whose Q, K, V and output projections are Pattention layers; token-token attention
+    is ``F.scaled_dot_product_attention``, with an ``attn_mask`` as in timm's ``Attention`` (bool, or an additive
+    float bias broadcasting to ``[B, heads, N, N]``)."""
 
     def __init__(self, dim: int, num_heads: int, num_tokens: int, *, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  value_std: float | None = None, dynamic_scale: bool = False,
@@ -34,21 +30,14 @@ class PattentionAttention(nn.Module):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.attn_drop = attn_drop
+        self.num_heads, self.attn_drop = num_heads, attn_drop
         kw = dict(value_std=value_std, dynamic_scale=dynamic_scale, device=device, dtype=dtype)
-        self.q = Pattention(dim, dim, num_tokens, **kw)
-        self.k = Pattention(dim, dim, num_tokens, **kw)
-        self.v = Pattention(dim, dim, num_tokens, **kw)
-        self.proj = Pattention(dim, dim, num_tokens, **kw)
+        self.q, self.k, self.v, self.proj = (Pattention(dim, dim, num_tokens, **kw) for _ in range(4))
         self.proj_drop = nn.Dropout(proj_drop)
 
     def qkv(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``[q(x), k(x), v(x)]``: one kernel call over the three key sets when their token counts agree.
-
-        Each layer is called on its own (hooks run) when it has hooks, when the counts differ, or under FX
-        tracing (timm feature extraction), where the parameters are proxies.
-        """
+        """``[q(x), k(x), v(x)]``: one kernel call over the three key sets when their token counts agree; each layer
+        runs on its own when it has hooks, when the counts differ, or under FX tracing (parameters are proxies)."""
         layers = (self.q, self.k, self.v)
         if (isinstance(self.q.key_param, torch.fx.Proxy) or len({p.num_tokens for p in layers}) > 1
                 or any(p._forward_hooks or p._forward_pre_hooks for p in layers)):
@@ -58,8 +47,7 @@ class PattentionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 return_keys: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Attention over ``x [B, N, C]``; with ``return_keys`` also the keys averaged over heads ``[B, N, C/heads]``
-        (token merging's similarity)."""
+        """Attention over ``x [B, N, C]``; ``return_keys``: also the head-mean keys ``[B, N, C/heads]`` (merging)."""
         B, N, C = x.shape
         q, k, v = (t.view(B, N, self.num_heads, -1).transpose(1, 2) for t in self.qkv(x))
         if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():  # not an FX proxy
@@ -71,23 +59,16 @@ class PattentionAttention(nn.Module):
 
 
 class TokenFormerBlock(nn.Module):
-    """Pre-norm block ``x + DropPath(Attn(LN(x)))``, ``x + DropPath(FFN(LN(x)))`` (official TokenFormer).
-
-    The LayerNorms have no affine parameters and the FFN is one Pattention d→d (``self.ffn``) whose GeLU is the
-    only non-linearity. With ``routing`` (and ``depth > 0``: block 0 always runs) the block has a router
-    (``self.router``, timm ``Mlp``) and :func:`tokenformer_vision.routing.route_block` decides which tokens it
-    processes.
+    """Pre-norm block ``x + DropPath(Attn(LN(x)))``, ``x + DropPath(FFN(LN(x)))`` (official TokenFormer) with
+    affine-free LayerNorms; the FFN is one Pattention d→d (``self.ffn``) whose GeLU is the only non-linearity.
 
     Args:
-        dim, num_heads: width and attention heads (from timm's ``VisionTransformer``).
+        dim, num_heads, attn_drop, proj_drop, drop_path, depth (the block's index): from timm's ``VisionTransformer``.
         attn_tokens, ffn_tokens: parameter tokens of each attention projection and of the FFN.
-        value_std: std of the value tokens' init.
-        dynamic_scale: official τ = sqrt(current n).
-        attn_drop, proj_drop, drop_path: dropout rates (from timm).
-        depth: the block's index (from timm).
-        routing: the model's routing settings, shared by its blocks; None for no routing.
-        **timm_block_args: the rest of what timm passes to every ``block_fn`` (``mlp_ratio``, ``qkv_bias``,
-            ``norm_layer``, ...): they describe timm's own block and have no meaning here.
+        value_std, dynamic_scale: std of the value tokens' init; official τ = sqrt(current n).
+        routing: the model's shared routing settings; with it (and ``depth > 0``) the block gets a router
+            (``self.router``) and :func:`~tokenformer_vision.routing.route_block` picks the tokens it processes.
+        **timm_block_args: the rest of timm's ``block_fn`` arguments (``mlp_ratio``, ``qkv_bias``, ...): unused here.
     """
 
     merging: TokenMerging | None = None  # the model's token merging (tokenformer_vision.merging), shared by its blocks
@@ -111,8 +92,7 @@ class TokenFormerBlock(nn.Module):
         self.last_processed: torch.Tensor | None = None  # [B, N] bool, tokens the last forward processed
 
     def __getstate__(self) -> dict:
-        # the last forward's keep probabilities may hold an autograd graph: not state, and they would make
-        # copy.deepcopy (EMA copies) and pickling fail
+        # per-forward tensors, not state: an autograd graph in them breaks deepcopy (EMA copies) and pickling
         return {**self.__dict__, "last_keep": None, "last_processed": None}
 
     def init_weights(self) -> None:
@@ -124,8 +104,7 @@ class TokenFormerBlock(nn.Module):
     def token_counts(self) -> dict[str, int]:
         return {"attn_tokens": self.attn.q.num_tokens, "ffn_tokens": self.ffn.num_tokens}
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """timm's block forward; a routed block runs :func:`~tokenformer_vision.routing.route_block`; with
         token merging on (``self.merging.r > 0``, set by the model) tokens are merged between attention and FFN."""
         if self.merging is not None and self.merging.r > 0:
@@ -142,8 +121,7 @@ class TokenFormerBlock(nn.Module):
 
     def forward_gated(self, x: torch.Tensor, gate: torch.Tensor | None = None,
                       attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        """The block on every token of ``x``, no routing decision; ``gate [B, N]`` scales each token's two
-        residual updates."""
+        """The block on every token of ``x``; ``gate [B, N]`` scales each token's two residual updates."""
         g = 1.0 if gate is None else gate.unsqueeze(-1).to(x.dtype)
         x = x + g * self.drop_path1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
         return x + g * self.drop_path2(self.ffn(self.norm2(x)))
@@ -164,9 +142,7 @@ class _PatchPattention(nn.Module):
     def __init__(self, in_chans: int, embed_dim: int, patch_size: tuple[int, int], num_tokens: int,
                  *, device=None, dtype=None) -> None:
         super().__init__()
-        self.in_channels = in_chans
-        self.out_channels = embed_dim
-        self.patch_size = patch_size
+        self.in_channels, self.out_channels, self.patch_size = in_chans, embed_dim, patch_size
         self.pattention = Pattention(in_chans * patch_size[0] * patch_size[1], embed_dim, num_tokens,
                                      device=device, dtype=dtype)
 

@@ -1,6 +1,5 @@
-"""Reading saved weights (Lightning ``.ckpt``, ``.pth``, ``.safetensors``), for the whole package: read safely
-(``weights_only=True``), choose the EMA or the raw weights, strip wrapper prefixes, recover the token counts and
-the head size, and load strictly with one error naming the real difference (embed_dim, depth, tokens, classes)."""
+"""Reading saved weights (``.ckpt``, ``.pth``, ``.safetensors``) for the whole package: safely, EMA or raw, without
+wrapper prefixes, with token counts and head size, and one error naming the real difference of a mismatch."""
 
 from __future__ import annotations
 
@@ -22,8 +21,7 @@ __all__ = ["read_checkpoint", "select_weights", "load_weights", "token_counts", 
            "load_strict", "adapt_state_dict", "architecture"]
 
 # Prefix of the timm model inside ImageClassifier's state dict, and of its EMA copy (timm ModelEmaV3 at ``.ema``).
-MODEL_PREFIX = "model."
-EMA_PREFIX = "ema.module."
+MODEL_PREFIX, EMA_PREFIX = "model.", "ema.module."
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

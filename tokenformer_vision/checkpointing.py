@@ -39,11 +39,10 @@ def _new_file(folder: str, name: str) -> tuple[int, str]:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local writes are atomic and durable (remote fsspec paths use Lightning's writer).
-
-    Lightning moves a temporary file from elsewhere, an in-place copy across filesystems: a full disk truncated
-    ``last.ckpt``. Here it lies beside the target (:func:`os.replace` renames atomically), fsynced before the rename
-    and the folder after it; on failure the target is unchanged and an ``OSError`` names it."""
+    """``TorchCheckpointIO`` whose local writes are atomic and durable (remote fsspec paths use Lightning's writer):
+    the temporary file lies beside the target (Lightning's, moved across filesystems, is copied in place, which a
+    full disk truncated), fsynced before :func:`os.replace` and the folder after it; on failure the target is
+    unchanged and an ``OSError`` names it."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str],
                         storage_options: Any | None = None) -> None:
@@ -123,12 +122,10 @@ def load_checkpoint_or_none(path: str) -> dict[str, Any] | None:
 
 
 def resolve_checkpoint(which: str, checkpoint_dir: str | None, logger_dir: str | None) -> str | None:
-    """Resolve ``"last"``/``"best"`` to a file of an earlier run (a new process has no in-memory best path).
-
-    Each CLI run logs to a new ``version_N`` folder, where Lightning finds no ``last.ckpt``. Takes the newest
-    loadable ``last*.ckpt`` in ``checkpoint_dir``, else in ``logger_dir/*/checkpoints``, and for ``"best"`` the
-    loadable best file its ModelCheckpoint state names. Returns None without such a run; for ``"best"`` raises
-    ``FileNotFoundError`` when the runs found record no loadable best file."""
+    """Resolve ``"last"``/``"best"`` to a file of an earlier run: a new process has no in-memory best path, and each
+    CLI run logs to a new ``version_N`` folder. Takes the newest loadable ``last*.ckpt`` in ``checkpoint_dir``, else
+    in ``logger_dir/*/checkpoints``, and for ``"best"`` the loadable best file its ModelCheckpoint state names. None
+    without such a run; ``FileNotFoundError`` for ``"best"`` when the runs found record no loadable best file."""
     if not (checkpoint_dir or logger_dir):
         return None
     pattern = os.path.join(checkpoint_dir or os.path.join(logger_dir, "*", "checkpoints"), "last*.ckpt")

@@ -1,6 +1,5 @@
-"""Lightning image classifier around any timm model (TokenFormer by default) with the paper's training recipe, top-k
-prediction, a policy for non-finite steps, and the routing penalty and TLOps metrics. Loading a checkpoint first grows
-the fresh model (and its EMA copy) to the checkpoint's recorded token counts."""
+"""Lightning image classifier around any timm model (TokenFormer by default): the paper's training recipe, top-k
+prediction, a policy for non-finite steps, the routing penalty and TLOps metrics, growth to a checkpoint's counts."""
 
 from __future__ import annotations
 
@@ -77,8 +76,7 @@ class ImageClassifier(LightningModule):
 
     Args:
         model_name: timm model name (tokenformer_tiny/small/base/large, or any timm model).
-        num_classes: classifier outputs; the CLI links it from data.num_classes, in Python it may be left None and
-            is then taken from the trainer's datamodule in setup().
+        num_classes: classifier outputs; None: the datamodule's, in setup() (the CLI links it from data.num_classes).
         img_size: input resolution of the model (None: the model's default, or the datamodule's img_size).
         model_kwargs: extra timm.create_model arguments, e.g. patch_size, depth, attn_tokens, token_routing.
         pretrained: local weights file (.safetensors, .pth or a Lightning .ckpt) loaded into the new model (the EMA
@@ -97,12 +95,10 @@ class ImageClassifier(LightningModule):
         mixup_prob: probability of mixing a batch.
         mixup_switch_prob: probability of CutMix instead of Mixup when both are on.
         drop_path_rate: stochastic depth rate, passed to timm.
-        ema_decay: keep an EMA copy of the weights (timm ModelEmaV3) with this decay and validate, test and predict
-            with it; None or 0 disables it.
+        ema_decay: decay of an EMA copy of the weights (timm ModelEmaV3) used to validate, test, predict; None/0: off.
         ema_warmup: ramp the EMA decay up from 0 (useful for short runs).
         top_k: classes returned per image by predict.
-        nonfinite: a non-finite loss or gradient either skips the optimizer step ("skip", with a warning) or stops
-            the run with an error ("stop").
+        nonfinite: on a non-finite loss or gradient, "skip" the optimizer step (with a warning) or "stop" the run.
         max_nonfinite_steps: with "skip", stop the run after this many consecutive skipped steps.
     """
 

@@ -1,11 +1,5 @@
-"""``tokenformer-vision``: the LightningCLI of :class:`ImageClassifier`, plus ``export`` and ``grow``.
-
-    tokenformer-vision fit --config configs/demo/digits.yaml  # or --data ImageFolderDataModule --data.root DIR ...
-    tokenformer-vision fit --config CFG --ckpt_path last                  # resume the newest run of this experiment
-    tokenformer-vision validate|test --config CFG --ckpt_path best        # or a .ckpt path
-    tokenformer-vision predict --config CFG --ckpt_path best --predict_out preds.csv
-    tokenformer-vision export --config CFG --ckpt_path best --out DIR     # timm weights (+ --onnx)
-    tokenformer-vision grow --ckpt_path CKPT --out grown.ckpt --attn_tokens 1024 --ffn_tokens 4096
+"""``tokenformer-vision``: the LightningCLI of :class:`ImageClassifier`, plus ``export`` and ``grow`` (usage: README,
+"Training and evaluation"); ``--ckpt_path last|best`` picks from the earlier runs of the same experiment.
 
 Defaults added to Lightning's: a CSVLogger under ``runs/<model>-<data>/``, durable checkpoints (best by
 ``val/acc1`` plus ``last.ckpt``, ``--checkpoint.*``), LearningRateMonitor (``--lr_monitor.*``). ``data.num_classes``
@@ -31,11 +25,14 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from . import __version__
+from .checkpoint import read_checkpoint
 from .checkpointing import LastAndBestCheckpoint, resolve_checkpoint, with_atomic_checkpoint_io
 from .classifier import ImageClassifier
 
 # Importing the data modules registers them as subclasses, so ``--data ImageFolderDataModule`` resolves by name.
 from .data import DigitsDataModule, ImageFolderDataModule, ImageNetDataModule  # noqa: F401
+from .export import _example_input, export_checkpoint, load_classifier
+from .growth import grow_training_state
 from .prediction import PredictionWriter
 
 __all__ = ["TokenFormerCLI", "main", "grow_checkpoint"]
@@ -45,7 +42,7 @@ _STARTED: list[TokenFormerCLI] = []
 
 
 class UsageError(Exception):
-    """A mistake in what the user asked for: printed as one line, exit status 2."""
+    """A mistake in what the user asked for: printed as one line, exit status 1."""
 
 
 def _get(ns: Any, dotted: str, default: Any = None) -> Any:
@@ -152,6 +149,7 @@ class TokenFormerCLI(LightningCLI):
 def grow_checkpoint(ckpt_path: str, out: str, attn_tokens: int | None = None, ffn_tokens: int | None = None,
                     seed: int = 0) -> dict[str, int]:
     """Grow a Lightning checkpoint offline: the model, its EMA copy and the optimizer state (e.g. for FSDP).
+    Returns the new token counts, having checked that the float64 logits are unchanged.
 
     Args:
         ckpt_path: the checkpoint of ImageClassifier (.ckpt).
@@ -159,13 +157,7 @@ def grow_checkpoint(ckpt_path: str, out: str, attn_tokens: int | None = None, ff
         attn_tokens: new token count of every attention projection (None: unchanged).
         ffn_tokens: new token count of every FFN (None: unchanged).
         seed: seed of the new value tokens.
-
-    Returns the new token counts; the float64 logits are checked to be unchanged.
     """
-    from .checkpoint import read_checkpoint
-    from .export import _example_input, load_classifier
-    from .growth import grow_training_state
-
     checkpoint = read_checkpoint(ckpt_path)
     module = load_classifier(ckpt_path)
     net = module.model
@@ -188,10 +180,7 @@ def grow_checkpoint(ckpt_path: str, out: str, attn_tokens: int | None = None, ff
 
 
 def _tool(name: str, argv: list[str]) -> None:
-    """``export`` and ``grow``: jsonargparse over the function's signature, ``--ckpt_path last|best`` resolved in
-    the runs of ``--config`` (the training config) like the other subcommands."""
-    from .export import export_checkpoint
-
+    """``export`` and ``grow``: jsonargparse over the function's signature; ``--ckpt_path last|best`` as in fit."""
     fn = export_checkpoint if name == "export" else grow_checkpoint
     parser = ArgumentParser(prog=f"tokenformer-vision {name}", description=fn.__doc__.splitlines()[0])
     parser.add_argument("--config", type=str | None, default=None,

@@ -1,6 +1,5 @@
-"""Weights interchange: Lightning checkpoint → timm weights (``model.safetensors`` + timm's Hugging Face
-``config.json``, with the grown token counts, class names and data config) → back, and ONNX (checked with
-onnxruntime); the CLI's ``tokenformer-vision export --ckpt_path CKPT|last|best --out DIR [--ema] [--onnx]``. Load an
+"""Lightning checkpoint → timm weights (``model.safetensors`` + Hugging Face ``config.json`` with the grown token
+counts, class names and data config) and ONNX checked with onnxruntime (``tokenformer-vision export``). Load an
 export with :func:`load_exported` or ``timm.create_model('local-dir:DIR', pretrained=True)``."""
 
 from __future__ import annotations
@@ -37,9 +36,8 @@ def load_classifier(ckpt_path: str | Path) -> Any:
 
 def save_timm_weights(model: nn.Module, out_dir: str | Path, label_names: list[str] | None = None,
                       data_config: dict[str, Any] | None = None) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (timm's local-dir / Hugging Face layout) into ``out_dir`` for a
-    model built by ``timm.create_model``, with ``label_names`` (one per output) and ``data_config``
-    (mean/std/crop_pct/interpolation overrides of its pretrained_cfg)."""
+    """Write ``model.safetensors`` + ``config.json`` (timm's local-dir / Hugging Face layout) of a model built by
+    ``timm.create_model`` into ``out_dir``, with ``label_names`` (one per output) and ``data_config`` overrides."""
     if not hasattr(model, "pretrained_cfg"):
         raise ValueError(f"{type(model).__name__} has no pretrained_cfg: build it with timm.create_model(...) so "
                          "its architecture and construction arguments can be written to config.json")

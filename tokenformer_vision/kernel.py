@@ -14,8 +14,7 @@ Compared with plain autograd (which keeps ``A``, ``u`` and ``S`` alive and runs 
       ∂L/∂a = (τ/r) · g                          if ‖a‖ < eps (r = eps is a constant there)
 
   (from ∂u_i/∂a_j = τ δ_ij / r − τ a_i a_j / r³ and a/r = u/τ), evaluated in place;
-* layers that read the same input (attention Q, K, V) share one GEMM over their concatenated keys; each keeps its
-  own normalisation, τ and values.
+* layers that read the same input (attention Q, K, V) share one GEMM over their concatenated keys.
 
 The norm, τ and GeLU run in at least fp32 (float64 stays float64). Everything is plain torch code, so
 ``torch.compile`` traces it without graph breaks. Double backward (``create_graph=True``) differentiates
@@ -126,7 +125,6 @@ class _FusedPattention(torch.autograd.Function):
                                                create_graph=True, allow_unused=True))
             grads = [next(got) if need else None for need in (needs[0], *needs[4:])]
             return (grads[0], None, None, None, *grads[1:])
-
         rows, n, cdt = x2d.shape[0], keys[0].shape[0], torch.promote_types(x2d.dtype, torch.float32)
         tau_c = _cast(tau, cdt)
         u = saved if saved.dim() == 3 else _normalize_inplace(saved.view(rows, groups, n).to(cdt), tau_c, eps)[0]

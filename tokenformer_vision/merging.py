@@ -1,11 +1,9 @@
 """Token merging (ToMe): any trained model runs on fewer tokens, without retraining (README, "Token merging").
 
-In every block, between attention and the FFN, the patch tokens are split alternately into sets A and B; each A
-token picks the B token whose attention key (mean over heads) is most similar (cosine), and the ``r`` most similar
-pairs are merged by a size-weighted average. Prefix tokens (cls, registers) are never merged. A size vector ``s``
-(patches each token stands for) is carried from block to block, and attention is proportional:
-``softmax(QKᵀ/√d + log s)``, so a merged token keeps the weight of the patches it holds. Each block removes ``r``
-tokens (at most half of its patch tokens), so the token count falls linearly with depth.
+In every block, between attention and the FFN, the ``r`` most similar pairs of patch tokens (cosine of the attention
+keys, mean over heads; bipartite matching, :func:`merge_pairs`) are merged by a size-weighted average, so the token
+count falls linearly with depth. A size vector ``s`` (patches each token stands for) is carried from block to block,
+and attention is proportional, ``softmax(QKᵀ/√d + log s)``: a merged token keeps the weight of the patches it holds.
 """
 
 from __future__ import annotations
@@ -57,12 +55,9 @@ class TokenMerging:
 
 def merge_pairs(x: torch.Tensor, keys: torch.Tensor, size: torch.Tensor, r: int, prefix: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One bipartite soft matching step (ToMe): ``(x [B, N − r, C], size [B, N − r])``.
-
-    Patch tokens at even positions (after the ``prefix`` tokens) form set A, odd positions set B. Each A token's
-    most similar B token is its candidate; the ``r`` A tokens with the highest similarity are added into their
-    candidates (size-weighted average). Output order: prefix tokens, the unmerged A tokens (in order), then B.
-    """
+    """One bipartite soft matching step (ToMe): ``(x [B, N − r, C], size [B, N − r])``. Patch tokens at even
+    positions (after the ``prefix`` tokens) form set A, odd positions set B; the ``r`` A tokens most similar to their
+    best B token are added into it (size-weighted average). Output: prefix tokens, unmerged A tokens, then B."""
     B, N, C = x.shape
     r = min(r, (N - prefix) // 2)
     if r <= 0:

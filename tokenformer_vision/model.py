@@ -1,12 +1,10 @@
 """TokenFormer vision transformer: timm's ``VisionTransformer`` with every projection a Pattention.
 
-``import tokenformer_vision`` registers ``tokenformer_tiny/small/base/large`` (patch 16, 224²), after which
-``timm.create_model('tokenformer_base', num_classes=..., attn_tokens=..., ffn_tokens=...)`` builds them.
+``import tokenformer_vision`` registers ``tokenformer_tiny/small/base/large`` (patch 16, 224²) with timm.
 :class:`TokenFormerViT` is built through the hooks of timm's class (``block_fn``, ``embed_layer``, the head), so
-forward, ``forward_intermediates``, pruning, input resizing, pooling and dynamic sizes are timm's own. What it adds:
-growth (:meth:`TokenFormerViT.grow`, :attr:`TokenFormerViT.token_counts`), token routing, token merging
-(:mod:`tokenformer_vision.merging`), the Pattention patch embedding and head options, and the token-count part of
-:func:`checkpoint_filter_fn`.
+forward, ``forward_intermediates``, pruning, input resizing, pooling and dynamic sizes are timm's own. It adds growth
+(:meth:`TokenFormerViT.grow`), token routing, token merging, the Pattention patch embedding and head options, and
+the token-count part of :func:`checkpoint_filter_fn`.
 """
 
 from __future__ import annotations
@@ -37,42 +35,22 @@ class TokenFormerViT(timm_vit.VisionTransformer):
     """Vision transformer with Pattention projections (TokenFormer; docs/architecture.md, "References").
 
     Args:
-        img_size: input resolution the position embedding is laid out for.
-        patch_size: patch size of the (conv) patch embedding.
-        in_chans: number of input image channels.
-        num_classes: classifier outputs; 0 for no head.
-        global_pool: ``'token'`` (cls token), ``'avg'`` (mean of patch tokens), ``'max'``, ``'avgmax'`` or ``''``.
-        embed_dim: token width d.
-        depth: number of blocks.
-        num_heads: attention heads.
+        img_size, patch_size, in_chans, num_classes, global_pool, embed_dim (d), depth, num_heads, class_token,
+            reg_tokens, fc_norm, dynamic_img_size, dynamic_img_pad, device, dtype: as in timm's ``VisionTransformer``
+            (``num_classes=0``: no head; ``device='meta'`` works).
+        drop_rate, pos_drop_rate, patch_drop_rate, attn_drop_rate, proj_drop_rate, drop_path_rate: timm's dropouts.
         attn_tokens: parameter tokens of each attention projection (Q, K, V, out); default d.
         ffn_tokens: parameter tokens of the FFN Pattention; default 4·attn_tokens.
         dynamic_scale: official τ = sqrt(current n) (growth then changes the function).
-        pattention_embed: Pattention patch embedding instead of a conv, with ``embed_tokens`` tokens (default d).
-        embed_tokens: parameter tokens of the Pattention patch embedding.
-        pattention_head: Pattention classifier head instead of a linear layer, with ``head_tokens`` (default d).
-        head_tokens: parameter tokens of the Pattention head.
-        class_token: use a cls token.
-        reg_tokens: number of register tokens.
-        fc_norm: norm after pooling instead of before (timm's default: on for average pooling).
-        dynamic_img_size: accept any input size, resampling the position embedding on the fly.
-        dynamic_img_pad: pad inputs whose size is not a multiple of the patch size.
-        drop_rate: dropout before the head.
-        pos_drop_rate: dropout after the position embedding.
-        patch_drop_rate: fraction of patch tokens dropped in training.
-        attn_drop_rate: attention dropout.
-        proj_drop_rate: dropout after each attention output.
-        drop_path_rate: stochastic depth (linear over the blocks).
+        pattention_embed, embed_tokens: Pattention patch embedding instead of a conv, with ``embed_tokens`` (d).
+        pattention_head, head_tokens: Pattention classifier head instead of a linear one, with ``head_tokens`` (d).
         token_routing: route tokens past blocks (:mod:`tokenformer_vision.routing`): blocks 1.. get a router.
-        routing_threshold: threshold routing: a token skips a block when its keep probability is below
-            ``1 − routing_threshold`` (0.5: the paper's rule; 1: nothing skipped).
+        routing_threshold: a token skips a block when its keep probability is below ``1 − routing_threshold``.
         routing_capacity: capacity routing instead: each routed block processes this fraction of patch tokens.
         routing_loss_weight: λ of :meth:`routing_loss` (default 0, or 2 with ``routing_target``).
-        routing_target: target TLOps fraction for :meth:`routing_loss`, instead of penalising compute.
+        routing_target: target TLOps fraction of :meth:`routing_loss`, instead of penalising compute.
         merge_tokens: token merging (ToMe, :mod:`tokenformer_vision.merging`): tokens merged away per block (0:
             off); also a settable attribute, so a trained model can be switched on. Not with ``token_routing``.
-        device: where to build the parameters (``meta`` works).
-        dtype: the parameters' dtype.
     """
 
     def __init__(
@@ -97,9 +75,8 @@ class TokenFormerViT(timm_vit.VisionTransformer):
         config = routing.RoutingConfig(threshold=routing_threshold, capacity=routing_capacity, loss_weight=weight,
                                        target=routing_target, depth=depth,
                                        num_prefix_tokens=int(class_token) + reg_tokens) if token_routing else None
-        block_fn = partial(TokenFormerBlock, attn_tokens=attn_tokens, ffn_tokens=ffn_tokens,
-                           value_std=default_value_std(depth, embed_dim), dynamic_scale=dynamic_scale,
-                           routing=config)
+        block_fn = partial(TokenFormerBlock, attn_tokens=attn_tokens, ffn_tokens=ffn_tokens, routing=config,
+                           value_std=default_value_std(depth, embed_dim), dynamic_scale=dynamic_scale)
         embed_layer = (partial(PattentionPatchEmbed, num_tokens=embed_tokens) if pattention_embed
                        else timm_vit.PatchEmbed)
         super().__init__(
@@ -127,7 +104,6 @@ class TokenFormerViT(timm_vit.VisionTransformer):
                                    dtype=self.head.weight.dtype)
             self.head.train(self.training)
 
-    # -------------------------------------------------------------------------------------------- growth
     @property
     def token_counts(self) -> dict[str, int]:
         """``{"attn_tokens": ..., "ffn_tokens": ...}``: parameter tokens of every block's projections and FFN."""
@@ -143,14 +119,12 @@ class TokenFormerViT(timm_vit.VisionTransformer):
 
     def grow(self, attn_tokens: int | None = None, ffn_tokens: int | None = None, *,
              generator: torch.Generator | None = None) -> None:
-        """Append zero-key parameter tokens to every block; the model's function is preserved exactly.
-
-        The grown tensors are new ``nn.Parameter`` objects: an optimizer holding the old ones must follow
+        """Append zero-key parameter tokens to every block; the model's function is preserved exactly. The grown
+        tensors are new ``nn.Parameter`` objects: an optimizer holding the old ones must follow
         (:func:`tokenformer_vision.growth.grow_training_state` does that).
 
         Args:
-            attn_tokens: new token count of every attention projection (≥ current), or None to keep it.
-            ffn_tokens: new token count of every FFN (≥ current), or None to keep it.
+            attn_tokens, ffn_tokens: new token count (≥ current) of every attention projection / FFN; None: keep it.
             generator: draws the new value tokens (identical on every rank and on resume when seeded).
         """
         have = self.token_counts
@@ -160,7 +134,6 @@ class TokenFormerViT(timm_vit.VisionTransformer):
         for block in self.blocks:
             block.grow(attn_tokens, ffn_tokens, generator=generator)
 
-    # ------------------------------------------------------------------------------------------- routing
     @property
     def token_routing(self) -> bool:
         return self.routing is not None
@@ -188,18 +161,13 @@ class TokenFormerViT(timm_vit.VisionTransformer):
         return routing.routing_loss(list(self.blocks), self.routing)
 
     def routing_stats(self, strict: bool = True) -> routing.RoutingStats | None:
-        """Tokens processed per block and image in the last forward (RuntimeError, or None with ``strict=False``,
-        when no routed block ran)."""
-        stats = routing.routing_stats(list(self.blocks))
-        if stats is None and strict:
-            raise RuntimeError("no routing statistics: build the model with token_routing=True and run a forward")
-        return stats
+        """Tokens processed per block and image in the last forward (none ran: RuntimeError, or None if not strict)."""
+        return routing.routing_stats(list(self.blocks), strict)
 
     def routing_depth_map(self) -> torch.Tensor:
         """``[B, N]`` number of blocks each token went through in the last forward."""
         return routing.routing_depth_map(list(self.blocks))
 
-    # ------------------------------------------------------------------------------------------- merging
     @property
     def merge_tokens(self) -> int:
         """Token merging: tokens merged away per block (0: off, exactly the unreduced model)."""
@@ -244,11 +212,9 @@ class TokenFormerViT(timm_vit.VisionTransformer):
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: TokenFormerViT) -> dict[str, torch.Tensor]:
     """Adapt a saved state dict to ``model``: grow the model to the saved token counts, then timm's own filter
-    (wrapper prefixes, position-embedding resampling).
-
-    Weights with *fewer* tokens than ``model`` cannot load into it (that would need shrinking): ValueError naming
-    both counts. Keys of the first release (``blocks.N.mlp.*``, now ``blocks.N.ffn.*``) are renamed.
-    """
+    (wrapper prefixes, position-embedding resampling). Weights with *fewer* tokens than ``model`` cannot load into
+    it (that would need shrinking): ValueError naming both counts. First-release ``blocks.N.mlp.*`` keys are renamed
+    ``blocks.N.ffn.*``."""
     state = {k.replace(".mlp.", ".ffn.") if ".blocks." in f".{k}" else k: v for k, v in state_dict.items()}
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     found, have = architecture(state), architecture(model.state_dict())
@@ -290,22 +256,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: TokenFor
     return timm_vit.checkpoint_filter_fn(state, model)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj", "classifier": "head",
-        "license": "apache-2.0", "paper_ids": "arXiv:2410.23168",
-        **kwargs,
-    }
-
-
-# No public ImageNet weights exist for these models: each has one untagged cfg with no url/file, so
-# ``timm.list_pretrained('tokenformer*')`` stays empty. Point at your own file with
-# ``pretrained_cfg_overlay=dict(file=PATH)``.
-default_cfgs = generate_default_cfgs({f"tokenformer_{size}": _cfg() for size in ("tiny", "small", "base", "large")})
-
 PRESETS: dict[str, dict[str, int]] = {
     "tokenformer_tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "tokenformer_small": dict(embed_dim=384, depth=12, num_heads=6),
@@ -313,14 +263,22 @@ PRESETS: dict[str, dict[str, int]] = {
     "tokenformer_large": dict(embed_dim=1024, depth=24, num_heads=16),
 }
 
+# No public ImageNet weights exist: one untagged cfg per model, no url/file, so timm.list_pretrained('tokenformer*')
+# stays empty. Point at your own file with ``pretrained_cfg_overlay=dict(file=PATH)``.
+default_cfgs = generate_default_cfgs({name: {
+    "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+    "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
+    "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+    "first_conv": "patch_embed.proj", "classifier": "head",
+    "license": "apache-2.0", "paper_ids": "arXiv:2410.23168",
+} for name in PRESETS})
+
 
 def _create(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> TokenFormerViT:
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        TokenFormerViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **{"patch_size": 16, **PRESETS[variant], **kwargs},
-    )
+    return build_model_with_cfg(TokenFormerViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+                                **{"patch_size": 16, **PRESETS[variant], **kwargs})
 
 
 @register_model

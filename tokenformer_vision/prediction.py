@@ -21,8 +21,7 @@ class PredictionWriter(BasePredictionWriter):
     sample index, without the sampler's padding duplicates, named by the datamodule's predict_names()/class_names.
 
     Args:
-        output_path: ``*.json`` writes a list of records, anything else CSV with columns
-            ``name, target, top1, prob1, ..., topk, probk``.
+        output_path: ``*.json``: a list of records; else CSV with columns ``name, target, top1, prob1, ..., probk``.
     """
 
     def __init__(self, output_path: str | os.PathLike) -> None:

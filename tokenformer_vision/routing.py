@@ -1,20 +1,16 @@
 """Token routing: each routed block processes only some tokens, and the saving is real compute.
 
-Every block after the first has a router (timm ``Mlp``: ``Linear(d→d/4) → ReLU → Linear(→1)``) that gives each
-token entering it a *keep probability* ``k = sigmoid(logit)`` (the last bias starts at +1: k ≈ 0.73). Prefix
-(cls) tokens are always processed. Two ways to choose the tokens (README, "Token routing"):
+Every block after the first has a router (:func:`make_router`) giving each token a *keep probability*
+``k = sigmoid(logit)`` (k ≈ 0.73 at init); prefix (cls) tokens are always processed (README, "Token routing"):
 
-- **Threshold** (token-selective routing, TSA): a token is processed when ``k ≥ 1 − routing_threshold``. Training
-  uses the same hard decisions as inference, with a straight-through estimator: the forward masks skipped tokens
-  out of attention (as keys) and zeroes their updates, the backward passes the gradient to ``k``. At inference the
-  processed tokens are gathered, so attention and the FFN run on fewer tokens (images of a batch are padded to
-  the largest count, pads masked). A penalty on the fraction processed (:func:`routing_loss`) trades accuracy for
-  compute, either as a weight λ or as a target TLOps fraction.
+- **Threshold** (token-selective routing): a token is processed when ``k ≥ 1 − routing_threshold``. Training uses
+  the hard decisions with a straight-through estimator (skipped tokens are masked out of attention and get no
+  update; the gradient reaches ``k``); inference gathers the processed tokens, so the block runs on fewer tokens.
+  :func:`routing_loss` penalises the fraction processed, with a weight λ or towards a target TLOps fraction.
 - **Capacity** (Mixture-of-Depths): each routed block processes the top ``capacity`` fraction of patch tokens by
-  router logit. Shapes are static, so training saves compute too and ``torch.compile`` needs no graph break.
+  logit. Static shapes: training saves compute too and ``torch.compile`` needs no graph break.
 
-Accounting is in token-layer operations (TLOps): block i processes a fraction α_i of the tokens; the TLOps
-fraction is the mean of α_i over all blocks (block 0: 1), and the saving is one minus that.
+Compute is counted in token-layer operations (TLOps, :func:`tlops_fraction`).
 """
 
 from __future__ import annotations
@@ -45,12 +41,9 @@ class RoutingConfig:
     """Routing settings of a model, shared by its routed blocks (changing one field changes them all).
 
     Attributes:
-        threshold: a token skips a block when its keep probability is below ``1 − threshold`` (0.5: the paper's
-            rule; 1: nothing skipped; smaller: more skipped).
-        capacity: fraction of patch tokens each routed block processes (top-k by router logit); None: threshold
-            routing.
-        loss_weight: λ of :func:`routing_loss`.
-        target: target TLOps fraction for :func:`routing_loss` (None: penalise the fraction processed).
+        threshold: a token skips a block when its keep probability is below ``1 − threshold`` (0.5: the paper's).
+        capacity: fraction of patch tokens each routed block processes (top-k by logit); None: threshold routing.
+        loss_weight, target: λ and target TLOps fraction of :func:`routing_loss` (target None: penalise compute).
         depth: number of blocks of the model (to convert ``target`` into a per-block fraction).
         num_prefix_tokens: leading tokens that are always processed (cls, registers).
         bias_init: initial bias of the router's last layer (keep probability sigmoid(bias)).
@@ -68,8 +61,7 @@ class RoutingConfig:
         self.threshold = check_fraction("routing_threshold", self.threshold)
         self.capacity = check_fraction("routing_capacity", self.capacity, allow_none=True)
         self.target = check_fraction("routing_target", self.target, allow_none=True)
-        if isinstance(self.loss_weight, bool) or not isinstance(self.loss_weight, (int, float)) \
-                or self.loss_weight < 0:
+        if isinstance(self.loss_weight, bool) or not isinstance(self.loss_weight, (int, float)) or self.loss_weight < 0:
             raise ValueError(f"routing_loss_weight must be a number >= 0, got {self.loss_weight!r}")
 
 
@@ -79,11 +71,8 @@ def make_router(dim: int, device: torch.device | str | None = None, dtype: torch
 
 
 def route_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run a routed ``TokenFormerBlock`` on the tokens its router chooses; the others pass through unchanged.
-
-    Records ``block.last_keep`` (``[B, N]`` keep probabilities, differentiable, for :func:`routing_loss`) and
-    ``block.last_processed`` (``[B, N]`` bool).
-    """
+    """Run a routed ``TokenFormerBlock`` on the tokens its router chooses, the others unchanged; records
+    ``block.last_keep`` (``[B, N]`` keep probabilities, differentiable) and ``block.last_processed`` (bool)."""
     cfg = block.routing
     logits = block.router(x).squeeze(-1).float()
     prefix = logits.new_full((x.shape[0], cfg.num_prefix_tokens), float("inf"))
@@ -141,12 +130,10 @@ def _routed(blocks: Sequence[nn.Module]) -> list[tuple[int, nn.Module]]:
 
 
 def routing_loss(blocks: Sequence[nn.Module], cfg: RoutingConfig) -> torch.Tensor:
-    """Compute penalty of the last forward: λ · fraction processed, or λ · (fraction − per-block target)².
-
-    The fraction is straight-through (its value is the hard fraction of patch tokens processed, its gradient
-    reaches the keep probabilities); ``target`` is a TLOps fraction over all blocks, converted to the per-block
-    fraction α* = (depth · target − unrouted blocks) / routed blocks. Zero when no routed block ran.
-    """
+    """Compute penalty of the last forward: λ · fraction processed, or λ · (fraction − per-block target)²; zero
+    when no routed block ran. The fraction is straight-through (its value is the hard fraction of patch tokens
+    processed, its gradient reaches the keep probabilities); ``target``, a TLOps fraction over all blocks, becomes
+    the per-block fraction α* = (depth · target − unrouted blocks) / routed blocks."""
     ran = [b for _, b in _routed(blocks) if b.last_keep is not None]
     if not ran or cfg.loss_weight == 0:
         ref = next((b.last_keep for b in ran), None)
@@ -161,14 +148,13 @@ def routing_loss(blocks: Sequence[nn.Module], cfg: RoutingConfig) -> torch.Tenso
     return cfg.loss_weight * ((fractions - alpha) ** 2).mean()
 
 
-def routing_stats(blocks: Sequence[nn.Module]) -> RoutingStats | None:
-    """Tokens each block processed in the last forward, per image; None when no routed block ran.
-
-    Blocks before the first routed one count as fully processed; blocks after the last one that ran
-    (``forward_intermediates(stop_early=True)``) are left out.
-    """
+def routing_stats(blocks: Sequence[nn.Module], strict: bool = False) -> RoutingStats | None:
+    """Tokens each block processed in the last forward, per image (blocks before the first routed one: all; blocks
+    after the last one that ran, ``stop_early``: left out); None when no routed block ran (``strict``: RuntimeError)."""
     ran = [(i, b.last_processed) for i, b in _routed(blocks) if b.last_processed is not None]
     if not ran:
+        if strict:
+            raise RuntimeError("no routing statistics: build the model with token_routing=True and run a forward")
         return None
     B, N = ran[0][1].shape
     counts = torch.full((ran[-1][0] + 1, B), N, dtype=torch.long, device=ran[0][1].device)
@@ -179,9 +165,7 @@ def routing_stats(blocks: Sequence[nn.Module]) -> RoutingStats | None:
 
 def routing_depth_map(blocks: Sequence[nn.Module]) -> torch.Tensor:
     """``[B, N]`` number of blocks each token went through in the last forward (prefix tokens included)."""
-    stats = routing_stats(blocks)
-    if stats is None:
-        raise RuntimeError("no routing statistics: build the model with token_routing=True and run a forward")
+    stats = routing_stats(blocks, strict=True)
     depth = torch.full((stats.processed.shape[1], stats.tokens), stats.depth, device=stats.processed.device)
     for i, block in _routed(blocks):
         if i < stats.depth:
@@ -190,7 +174,8 @@ def routing_depth_map(blocks: Sequence[nn.Module]) -> torch.Tensor:
 
 
 def tlops_fraction(block_fractions: Iterable[float] | torch.Tensor) -> float:
-    """Fraction of token-layer operations executed: mean over blocks of the processed fraction α_i."""
+    """Fraction of token-layer operations (TLOps) executed: the mean over all blocks (block 0: 1) of the fraction α_i
+    of tokens block i processed; the saving is one minus that."""
     fractions = torch.as_tensor(list(block_fractions) if not torch.is_tensor(block_fractions) else block_fractions,
                                 dtype=torch.float64)
     if fractions.numel() == 0:
@@ -201,8 +186,7 @@ def tlops_fraction(block_fractions: Iterable[float] | torch.Tensor) -> float:
 
 
 def tlops_saving(alpha: float, depth: int) -> float:
-    """The paper's TLOps saving ``1 − (1 + (L − 1)·α)/L`` for mean processed fraction α over the L − 1 routed
-    blocks."""
+    """The paper's TLOps saving ``1 − (1 + (L − 1)·α)/L``, α the mean processed fraction of the L − 1 routed blocks."""
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
     check_fraction("alpha", alpha)

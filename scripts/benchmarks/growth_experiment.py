@@ -2,30 +2,37 @@
 """Does growth pay? Train small and grow (GrowthCallback) vs the large and the small model from scratch, on digits.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/benchmarks/growth_experiment.py --seeds 0 1 2 --jobs 2 \\
-        --arms large small grow_1/4 \\
-        --first-seed-arms grow_1/3 grow_1/2 grow2 grow_1/4_rewarm grow_1/4_dyntau \\
+        --arms large small grow_1/4 grow_1/2 grow_1/4_rewarm grow_1/4_dyntau \\
+        --first-seed-arms grow_1/3 grow_3/4 grow2 staged_40+10 --staged 40 10 \\
         --out docs/benchmarks/growth_experiment.json --plot docs/benchmarks/growth_experiment.png
+
+More runs (another arm's other seeds) from a second invocation join with ``--from-json RESULTS --add-runs OTHER``.
 
 Task: scikit-learn's digits through ``DigitsDataModule`` (1,437 training / 360 validation images, the default
 stratified split with data seed 0, so every arm and seed sees the same split and the same per-epoch data order and
 augmentation), upscaled to 32² with the module's default augmentation (RandomResizedCrop scale 0.7-1, small
 affine). Model: ``tokenformer_tiny``'s shell at fixed d = 64, 4 blocks, 4 heads, patch 8 (16 patches + cls = 17
 tokens per image). Widths: small 4 attention / 16 FFN parameter tokens, large 64 / 256 (16× growth at fixed d,
-which is what growth changes; at 8/32 → 64/256 a 20-epoch pilot left the small model only 1 point behind).
+which is what growth changes). The budget is long enough for both to saturate (40 epochs: the large model is at
+97-98% from about epoch 30; a 16-epoch budget left it still climbing and could not separate the arms, and at
+2 / 8 tokens the small model stops near 78%, too far below for growth to matter at this budget).
 Recipe: AdamW lr 2e-3, betas (0.9, 0.95), weight decay 0.05, 2 warm-up epochs then cosine to 1e-5 at the last
-step, label smoothing 0.1, batch 64 (22 steps per epoch), gradient clip 1.0, fp32, 16 epochs, validation every
-epoch. The model seed (initialisation, new value tokens) is the run's seed.
+step, label smoothing 0.1, batch 64 (22 steps per epoch), gradient clip 1.0, fp32, validation every epoch. The
+model seed (initialisation, new value tokens) is the run's seed.
 
 Arms (same recipe, budget in epochs, data order and seed; only the token counts in force differ):
   large          large widths from scratch (sets the target accuracy);
   small          small widths all along;
-  grow_1/4, grow_1/3, grow_1/2
+  grow_1/4, grow_1/3, grow_1/2, grow_3/4
                  small widths, grown to large (GrowthCallback, exact) at the start of that fraction of the epochs
-                 (epoch 4, 5, 8 of 16); the LR schedule continues (no re-warm);
-  grow2          two stages: small → mid widths (default 16 / 64) at 1/8, → large at 1/4;
+                 (epoch 10, 13, 20, 30 of 40); the LR schedule continues (no re-warm);
+  grow2          two stages: small → mid widths (default 16 / 64) at 1/4, → large at 1/2;
   grow_1/4_rewarm
                  as grow_1/4 with ``rewarm_steps`` (default 20: the LR of the k-th step after growth is scaled by
-                 (k + 1) / 21);
+                 (k + 1) / 21, back onto the continuing schedule);
+  staged_E1+E2   (``--staged E1 E2``) the paper's staged recipe: E1 epochs small on a warm-up + cosine of their
+                 own, then grown and trained E2 more epochs on a restarted one (``--stage-warmup-epochs``, peak lr
+                 again): the other way to set the LR after growth;
   grow_1/4_dyntau
                  ablation: as grow_1/4 but built with ``dynamic_scale=True`` (the official code: τ = √n recomputed
                  at every call, so growth changes the function: τ rises by √16 = 4 at 16× growth);
@@ -73,7 +80,8 @@ SPLIT_SEED = 0  # the digits split and data order: the same for every arm and se
 
 # ------------------------------------------------------------------------------------------------- arms
 def arms(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """name → {start: (attn, ffn), schedule: [{epoch, attn_tokens, ffn_tokens}], rewarm, dynamic_scale}."""
+    """name → {start: (attn, ffn), schedule: [{epoch, attn_tokens, ffn_tokens}], rewarm, dynamic_scale,
+    second_moment, stages (None, or (E1, E2): two LR schedules, one per width, E1 + E2 epochs in all)}."""
     E, small, mid, large = args.epochs, tuple(args.small), tuple(args.mid), tuple(args.large)
 
     def at(frac: float) -> int:
@@ -82,17 +90,19 @@ def arms(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     def stage(epoch: int, widths: tuple[int, int]) -> dict[str, int]:
         return {"epoch": epoch, "attn_tokens": widths[0], "ffn_tokens": widths[1]}
 
-    base = dict(rewarm=0, dynamic_scale=False, second_moment="mean")
+    base = dict(rewarm=0, dynamic_scale=False, second_moment="mean", stages=None)
     out: dict[str, dict[str, Any]] = {
         "large": dict(start=large, schedule=[], **base),
         "small": dict(start=small, schedule=[], **base),
     }
-    for label, frac in (("1/4", 1 / 4), ("1/3", 1 / 3), ("1/2", 1 / 2)):
+    for label, frac in (("1/4", 1 / 4), ("1/3", 1 / 3), ("1/2", 1 / 2), ("3/4", 3 / 4)):
         out[f"grow_{label}"] = dict(start=small, schedule=[stage(at(frac), large)], **base)
-    out["grow2"] = dict(start=small, schedule=[stage(at(1 / 8), mid), stage(at(1 / 4), large)], **base)
+    out["grow2"] = dict(start=small, schedule=[stage(at(1 / 4), mid), stage(at(1 / 2), large)], **base)
     out["grow_1/4_rewarm"] = dict(base, start=small, schedule=[stage(at(1 / 4), large)], rewarm=args.rewarm_steps)
     out["grow_1/4_dyntau"] = dict(base, start=small, schedule=[stage(at(1 / 4), large)], dynamic_scale=True)
     out["grow_1/4_m2zero"] = dict(base, start=small, schedule=[stage(at(1 / 4), large)], second_moment="zero")
+    for e1, e2 in args.staged:
+        out[f"staged_{e1}+{e2}"] = dict(base, start=small, schedule=[stage(e1, large)], stages=(e1, e2))
     return out
 
 
@@ -118,6 +128,7 @@ def run_one(args: argparse.Namespace, name: str, spec: dict[str, Any], seed: int
     from lightning.pytorch.callbacks import Callback
 
     from tokenformer_vision import DigitsDataModule, GrowthCallback, ImageClassifier
+    from tokenformer_vision.classifier import WarmupCosine
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -170,11 +181,25 @@ def run_one(args: argparse.Namespace, name: str, spec: dict[str, Any], seed: int
                                  "attn_tokens": pl_module.model.attn_tokens,
                                  "ffn_tokens": pl_module.model.ffn_tokens})
 
+    class StagedClassifier(ImageClassifier):
+        """One warm-up + cosine per stage: E1 epochs small, then a restart over the E2 epochs at the large widths
+        (the paper's staged recipe: every stage is trained with a schedule of its own)."""
+
+        def configure_optimizers(self):
+            out = super().configure_optimizers()
+            scheduler, (e1, e2) = out["lr_scheduler"]["scheduler"], spec["stages"]
+            per_epoch, cosine = self.trainer.num_training_batches, scheduler.lr_lambdas[0]
+            first = WarmupCosine(cosine.warmup_steps, e1 * per_epoch, cosine.min_ratio)
+            second = WarmupCosine(per_epoch * args.stage_warmup_epochs, e2 * per_epoch, cosine.min_ratio)
+            switch = e1 * per_epoch
+            scheduler.lr_lambdas[0] = lambda step: first(step) if step < switch else second(step - switch)
+            return out
+
     pl.seed_everything(seed, verbose=False)
     data = DigitsDataModule(img_size=args.img_size, batch_size=args.batch_size, num_workers=0, seed=SPLIT_SEED,
                             persistent_workers=False, pin_memory=False)
     attn, ffn = spec["start"]
-    module = ImageClassifier(
+    module = (StagedClassifier if spec.get("stages") else ImageClassifier)(
         model_name="tokenformer_tiny", num_classes=10, img_size=args.img_size, lr=args.lr, weight_decay=0.05,
         betas=(0.9, 0.95), warmup_epochs=2, min_lr=1e-5, label_smoothing=0.1,
         model_kwargs=dict(patch_size=args.patch_size, depth=args.depth, embed_dim=args.embed_dim,
@@ -186,7 +211,8 @@ def run_one(args: argparse.Namespace, name: str, spec: dict[str, Any], seed: int
     data.setup("fit")
     meter = Meter(growth, data.val_dataloader)
     callbacks = ([growth] if growth else []) + [meter]
-    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="32-true", max_epochs=args.epochs,
+    epochs = sum(spec["stages"]) if spec.get("stages") else args.epochs
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="32-true", max_epochs=epochs,
                          gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          callbacks=callbacks)
@@ -310,7 +336,7 @@ def plot(results: dict[str, Any], names: list[str], extra: list[str], seeds: lis
         target = statistics.fmean(statistics.fmean(r["val_acc1"] for r in results["runs"][f"large/seed{s}"]
                                                    ["history"][-2:]) for s in use)
         ax.axhline(target, color="k", lw=0.8, ls=":", label="target: large, mean of last 2 epochs")
-        ax.set_ylim(0.1, 1.0)
+        ax.set_ylim(0.6, 1.0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("cumulative training FLOPs (TFLOP, analytic)")
         ax.grid(alpha=0.3)
@@ -321,10 +347,31 @@ def plot(results: dict[str, Any], names: list[str], extra: list[str], seeds: lis
     print(f"wrote {path}")
 
 
+def merge_runs(results: dict[str, Any], path: str) -> None:
+    """Add the runs of another invocation to ``results``; an arm that then has every seed joins the main arms."""
+    with open(path) as f:
+        other = json.load(f)
+    for key, run in other["runs"].items():
+        if key in results["runs"]:
+            mine, theirs = ([r["val_acc1"] for r in x["history"]] for x in (results["runs"][key], run))
+            if mine != theirs:
+                raise SystemExit(f"{path}: run {key} differs from the one already in the results: not merging")
+            continue
+        results["runs"][key] = run
+        results["arms"].setdefault(run["arm"], other["arms"][run["arm"]])
+    saved = results["args"]
+    for arm in list(saved["first_seed_arms"]):
+        if all(f"{arm}/seed{s}" in results["runs"] for s in saved["seeds"]):
+            saved["first_seed_arms"].remove(arm)
+            saved["arms"] = (saved["arms"] or []) + [arm]
+    results.setdefault("merged", []).append({"path": path, "args": other["args"], "wall_seconds": other["wall_seconds"],
+                                             "machine": other["machine"]})
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=40, help="the budget of large, small and grow_* arms")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--small", type=int, nargs=2, default=[4, 16], metavar=("ATTN", "FFN"))
     parser.add_argument("--mid", type=int, nargs=2, default=[16, 64], metavar=("ATTN", "FFN"))
@@ -337,6 +384,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--rewarm-steps", type=int, default=20)
+    parser.add_argument("--staged", type=int, nargs=2, action="append", default=[], metavar=("E1", "E2"),
+                        help="adds arm staged_E1+E2: E1 epochs small on a schedule of their own, then grown and "
+                        "trained E2 epochs on a restarted warm-up + cosine (repeatable)")
+    parser.add_argument("--stage-warmup-epochs", type=float, default=1.0, help="warm-up of a staged arm's 2nd stage")
     parser.add_argument("--arms", nargs="+", default=None,
                         help="arms run for every seed (default all; 'large' is always run: it sets the target)")
     parser.add_argument("--first-seed-arms", nargs="+", default=[],
@@ -345,10 +396,15 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON with all histories, growth events and the summary")
     parser.add_argument("--plot", default=None, help="PNG: val acc1 vs cumulative training FLOPs")
     parser.add_argument("--from-json", default=None, help="no training: redo table/plot/summary")
+    parser.add_argument("--add-runs", nargs="+", default=[],
+                        help="with --from-json: merge the runs of these JSONs (a run present in both must have the "
+                        "same per-epoch accuracies: the runs are deterministic)")
     args = parser.parse_args()
     if args.from_json:
         with open(args.from_json) as f:
             results = json.load(f)
+        for path in args.add_runs:
+            merge_runs(results, path)
         saved = argparse.Namespace(**results["args"])
         results.setdefault("arms", {k.split("/seed")[0]: {} for k in results["runs"]})
         names = [n for n in results["arms"] if n not in getattr(saved, "first_seed_arms", []) or n == "large"]

@@ -1,11 +1,9 @@
-"""The DataModules' shared base and DataLoader helpers: skip counting across workers, a collate that drops skipped
-samples, an epoch-seeded training sampler, per-worker reseeding.
+"""The DataModules' shared base and DataLoader helpers.
 
 Batches: train/val/test ``(images float32 [B, 3, H, W], targets int64 [B])``; predict ``(images, targets,
 indices)``, ``targets = -1`` where unknown, ``indices`` into :meth:`predict_names`. Unreadable images are dropped
-from their batch; a batch of only unreadable images is ``None`` (Lightning's training loop skips it; eval/predict
-steps receive it and should return ``None``). Training batches are a function of ``(seed, epoch)``
-(:class:`EpochSampler`), both saved in checkpoints, so a resumed run replays the original run's batches.
+from their batch; a batch of only unreadable images is ``None`` (the training loop skips it; eval/predict steps
+return ``None`` for it). Training batches depend on ``(seed, epoch)`` alone (:class:`EpochSampler`).
 """
 
 from __future__ import annotations
@@ -32,9 +30,8 @@ __all__ = ["EpochSampler", "ImageClassificationDataModule", "SkipCounter", "coll
 
 
 class SkipCounter:
-    """Count of skipped (unreadable) images, shared by the main process and its DataLoader workers (any start
-    method, persistent or not): lock-free shared memory where each process adds to its own slot (by pid) and
-    reading sums the slots. Pickled outside a worker spawn (a deepcopy, a checkpoint) it becomes a local counter."""
+    """Count of unreadable images shared by the main process and its DataLoader workers (any start method): lock-free
+    shared memory, one slot per process (by pid), summed when read; pickled outside a worker spawn, a local counter."""
 
     _SLOTS = 1024
 
@@ -66,8 +63,7 @@ class SkipCounter:
 
 
 def collate_skip_none(batch: list) -> Any:
-    """``default_collate`` of the samples that are not ``None`` (skipped images); ``None`` if none is left
-    (Lightning's training loop skips such a batch, eval/predict steps receive it)."""
+    """``default_collate`` of the samples that are not ``None`` (skipped images); ``None`` if none is left."""
     batch = [sample for sample in batch if sample is not None]
     return default_collate(batch) if batch else None
 
@@ -79,14 +75,10 @@ def derive_seed(*keys: int) -> int:
 
 
 class EpochSampler(DistributedSampler):
-    """Training sampler whose order and augmentations are a function of ``(seed, epoch)`` alone.
-
-    Each epoch shuffles with a generator seeded from ``(seed, epoch)`` (the same on every rank, which takes its
-    ``rank::num_replicas`` share, padded like ``DistributedSampler``) and yields ``(index, augmentation seed)``
-    pairs, the seed belonging to the index. An epoch therefore replays bit for bit after a resume, with any number
-    of workers. Lightning calls :meth:`set_epoch` every epoch and, this being a ``DistributedSampler``, keeps it
-    under DDP instead of wrapping it.
-    """
+    """Training sampler whose order and augmentations are a function of ``(seed, epoch)`` alone, so an epoch replays
+    bit for bit after a resume with any number of workers: a generator seeded from both shuffles (the same on every
+    rank, which takes its ``rank::num_replicas`` share, padded like ``DistributedSampler``), and each index comes
+    with its augmentation seed. Lightning calls :meth:`set_epoch` and keeps it under DDP (a DistributedSampler)."""
 
     def __init__(self, dataset: Dataset, seed: int = 0, epoch: int = 0, num_replicas: int = 1, rank: int = 0,
                  shuffle: bool = True) -> None:
@@ -103,10 +95,9 @@ class EpochSampler(DistributedSampler):
 
 
 def seed_worker(worker_id: int, rank: int = 0, sampler: Any = None) -> None:
-    """DataLoader ``worker_init_fn``: own random streams for each worker and rank (forked workers inherit identical
-    albumentations, numpy and Python generators, so would repeat each other's augmentations), from (seed, epoch at
-    worker start, rank, worker id) of an :class:`EpochSampler`, else from ``info.seed`` (per worker and epoch) and
-    the rank, since ranks usually seed identically."""
+    """DataLoader ``worker_init_fn``: own random streams per worker and rank (forked workers inherit identical
+    generators), from (seed, epoch at worker start, rank, worker id) of an :class:`EpochSampler`, else from
+    ``info.seed`` (per worker and epoch) and the rank, since ranks usually seed identically."""
     if (info := get_worker_info()) is None:
         return
     if hasattr(sampler, "seed") and hasattr(sampler, "epoch"):
@@ -178,11 +169,9 @@ def _document_args(**specific: str) -> Callable[[type], type]:
 @_document_args()
 class ImageClassificationDataModule(L.LightningDataModule):
     """Common part of the data modules: transform settings, DataLoaders (workers, pinning, reseeding, skipping),
-    epoch-seeded training streams saved in checkpoints. Subclasses set ``class_names`` in ``__init__`` and
-    implement :meth:`_make_dataset` and :meth:`predict_names`; they save their hyper-parameters without
-    ``model_name``/``img_size``, which are the model's (logged by ImageClassifier: a second, possibly None, copy
-    would clash when Lightning merges the module's and the data module's hyper-parameters).
-    """
+    epoch-seeded training streams saved in checkpoints. Subclasses set ``class_names`` in ``__init__``, implement
+    :meth:`_make_dataset` and :meth:`predict_names`, and save their hyper-parameters without ``model_name`` and
+    ``img_size``: those are the model's, and a second copy would clash when Lightning merges both modules'."""
 
     def __init__(
         self, img_size: int | tuple[int, int] | None = None, batch_size: int = 64, num_workers: int | None = None,
@@ -283,7 +272,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
                           "keeping the partial batch instead of dropping it", stacklevel=3)
             drop_last = False
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        if train:  # a DistributedSampler already: Lightning keeps it under DDP instead of wrapping it
+        if train:
             self._sampler = EpochSampler(dataset, self.seed, self.epoch, world_size, rank)
         sampler = self._sampler if train else None
         return DataLoader(

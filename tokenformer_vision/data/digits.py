@@ -44,12 +44,9 @@ def split_digits(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[n
     fill="colour of areas uncovered by geometric augmentation; 0: black, the background; None: the mean colour.",
 )
 class DigitsDataModule(ImageClassificationDataModule):
-    """scikit-learn's digits as a 10-class image dataset (class names ``"0"`` .. ``"9"``).
-
-    A stratified ``val_fraction`` (seeded by ``seed``) is held out for validation, test and predict. The 8×8 images
-    are upscaled once to ``img_size`` so that crops and affines act on a fine grid. Augmentation is mild and
-    flip-free (digits are not mirror symmetric).
-    """
+    """scikit-learn's digits as a 10-class image dataset (class names ``"0"`` .. ``"9"``), upscaled once to
+    ``img_size`` so that crops and affines act on a fine grid; mild, flip-free augmentation (digits are not mirror
+    symmetric)."""
 
     def __init__(
         self, img_size: int | tuple[int, int] | None = 32, batch_size: int = 64, num_workers: int = 0,

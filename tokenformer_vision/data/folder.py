@@ -98,9 +98,8 @@ def list_images(root: str | os.PathLike) -> list[str]:
 
 
 class ImageFileDataset(Dataset):
-    """Images from ``(path, target)`` pairs through an albumentations ``transform``; items are ``(image,
-    target)``, plus the index with ``return_index``. An unreadable file yields ``None`` (dropped by
-    :func:`collate_skip_none`) with a warning and bumps ``skip_counter``; it never stops an epoch."""
+    """Images from ``(path, target)`` pairs through an albumentations ``transform``, as ``(image, target[, index])``;
+    an unreadable file yields ``None`` with a warning and bumps ``skip_counter``: it never stops an epoch."""
 
     def __init__(self, samples: Sequence[tuple[Any, int]], transform: Callable | None = None,
                  return_index: bool = False, skip_counter: SkipCounter | None = None) -> None:
@@ -156,12 +155,9 @@ class ArrayDataset(ImageFileDataset):
 
 @_document_args()
 class ImageFolderDataModule(ImageClassificationDataModule):
-    """Image classification data in the ImageNet folder layout (``root/{train,val}/<class>/*.JPEG``).
-
-    Classes are the sorted train class folder names. Every train class folder needs an image (checked at
-    construction); val/test need the same class folders, which may be empty. ``predict_root`` replaces
-    ``predict_split``.
-    """
+    """Image classification data in the ImageNet folder layout (``root/{train,val}/<class>/*.JPEG``): classes are
+    the sorted train class folder names; every train class folder needs an image (checked at construction), val/test
+    need the same class folders, which may be empty."""
 
     def __init__(
         self, root: str, img_size: int | tuple[int, int] | None = None, batch_size: int = 64,
@@ -182,8 +178,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         self.splits = {"train": train_split, "val": val_split, "test": test_split or val_split,
                        "predict": predict_split or val_split}
         self.predict_root = Path(predict_root).expanduser() if predict_root is not None else None
-        # Class names are needed right away (the CLI links data.num_classes -> model.num_classes): listdir of the
-        # train split (cheap even for ImageNet), else of val on a machine that only evaluates.
+        # class names are needed now (the CLI links data.num_classes): the train split's (one listdir), else val's
         train_dir, val_dir = self.root / train_split, self.root / val_split
         if not (train_dir.is_dir() or val_dir.is_dir()):
             found = sorted(p.name for p in self.root.iterdir())[:10]

@@ -55,13 +55,10 @@ def resolve_transform_config(model_name: str | None = None, img_size: int | Sequ
                              crop_pct: float | None = None, mean: Sequence[float] | None = None,
                              std: Sequence[float] | None = None, interpolation: str | None = None,
                              default_img_size: int = 224) -> TransformConfig:
-    """Explicit arguments, else the timm pretrained cfg of ``model_name`` (``tokenformer_*`` included), else
-    ImageNet defaults (224², crop 0.875, bicubic, ImageNet mean/std). Values are checked by :func:`build_transforms`,
-    the interpolation name here."""
+    """Explicit arguments, else the timm pretrained cfg of ``model_name``, else ImageNet defaults (224², crop 0.875,
+    bicubic, ImageNet mean/std). Checks the interpolation name; :func:`build_transforms` checks the other values."""
     cfg: dict = {}
-    if model_name is not None:
-        import tokenformer_vision  # noqa: F401  (registers tokenformer_* cfgs with timm)
-
+    if model_name is not None:  # tokenformer_* cfgs are known: importing this module imported the package
         if (pretrained_cfg := get_pretrained_cfg(model_name)) is None:
             raise ValueError(f"timm knows no model (pretrained cfg) named {model_name!r}")
         cfg = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())
@@ -81,12 +78,9 @@ def _apply_lut(image: np.ndarray, lut: np.ndarray, **kwargs) -> np.ndarray:
 
 def rand_augment_policy(num_ops: int = 2, magnitude: float = 9.0, fill: tuple[int, ...] = (128, 128, 128),
                         p: float = 0.5) -> A.SomeOf:
-    """albumentations version of timm's ``rand-m{magnitude}-n{num_ops}-inc1`` RandAugment.
-
-    Draws ``num_ops`` of timm's 15 "increasing" ops (with replacement, like timm), each applied with probability
-    ``p``. Strengths follow timm's level -> argument maps at ``magnitude / 10``, uniform in ``[0, magnitude]`` per
-    call (timm's ``mstd`` noise is Gaussian around it).
-    """
+    """albumentations version of timm's ``rand-m{magnitude}-n{num_ops}-inc1`` RandAugment: ``num_ops`` of timm's 15
+    "increasing" ops drawn with replacement, each applied with probability ``p``, strengths from timm's level ->
+    argument maps at ``magnitude / 10``, uniform in ``[0, magnitude]`` per call (timm's ``mstd`` noise: Gaussian)."""
     if not 0 <= magnitude <= 10:
         raise ValueError(f"magnitude must be in [0, 10] (timm's scale), got {magnitude}")
     m = magnitude / 10.0
@@ -133,8 +127,8 @@ def build_transforms(
     shift, 0.9-1.1 zoom, ±8° shear, for data like digits where flips and strong policies hurt) -> RandAugment ->
     random erasing with per-pixel noise (``random_erasing``) -> normalise. Eval (like timm): resize the shorter side
     (non-square sizes: each side) to ``floor(size / crop_pct)`` -> centre crop -> normalise. Downscaling is area
-    interpolation (anti-aliased, close to PIL's). ``fill``: colour of areas uncovered by geometric ops and eval
-    padding (default: the mean colour, as timm). ``seed``: of the random stream (see :func:`reseed_transform`).
+    interpolation (close to PIL's). ``fill``: colour of uncovered areas (default: mean, as timm); ``seed``: of the
+    random stream (:func:`reseed_transform`).
     """
     h, w = _size_hw(img_size)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)

@@ -1,8 +1,5 @@
-"""Multi-scale detection backbone: a timm ViT / TokenFormer trunk + ViTDet's simple feature pyramid.
-
-The trunk takes any input size (``dynamic_img_size`` resamples the position embedding, ``dynamic_img_pad`` pads
-sizes that are not multiples of the patch), since detection transforms resize every image differently.
-"""
+"""Multi-scale detection backbone: a timm ViT / TokenFormer trunk + ViTDet's simple feature pyramid. The trunk takes
+any input size (``dynamic_img_size``, ``dynamic_img_pad``): detection transforms resize every image differently."""
 
 from __future__ import annotations
 
@@ -31,8 +28,7 @@ class ViTDetBackbone(nn.Module):
         trunk: a timm ViT-like model with ``forward_intermediates`` (TokenFormer or timm ``vit_*``) built with
             ``dynamic_img_size=True``; ``backbone.trunk.grow(...)`` grows a TokenFormer.
         feature_index: the block whose output feeds the pyramid (negative counts from the end; ViTDet: the last).
-        norm_features: apply the trunk's final norm to it. TokenFormer's blocks use affine-free norms, so the raw
-            residual stream is unnormalised; the final norm (trained with the classifier) restores unit scale.
+        norm_features: apply the trunk's final norm to it (TokenFormer's affine-free block norms leave it unscaled).
         out_channels, scale_factors, top_block: see :class:`SimpleFeaturePyramid` (``backbone.pyramid``), whose
             ``names``, ``level_names`` and ``strides`` (w.r.t. the padded input) the backbone shares.
     """
@@ -65,11 +61,9 @@ class ViTDetBackbone(nn.Module):
 
 
 def load_backbone_weights(trunk: nn.Module, weights: Weights) -> None:
-    """Load classifier weights into a detection trunk (in place), without the classifier head.
-
-    ``weights``: a file :func:`tokenformer_vision.checkpoint.load_weights` reads (an ImageClassifier ``.ckpt``, its
-    EMA weights if kept; ``.pth``; ``.safetensors``) or a state dict. A TokenFormer trunk grows to the saved token
-    counts and the position embedding is resampled; another model's weights raise a ValueError naming the difference.
+    """Load classifier weights (a file :func:`~tokenformer_vision.checkpoint.load_weights` reads, EMA weights if
+    kept, or a state dict) into a detection trunk, in place, without the head. A TokenFormer trunk grows to the saved
+    token counts, the position embedding is resampled; another model's weights raise a ValueError naming the difference.
     """
     source = "the given state dict" if isinstance(weights, Mapping) else str(weights)
     state = dict(weights) if isinstance(weights, Mapping) else load_weights(weights)
@@ -83,10 +77,8 @@ def load_backbone_weights(trunk: nn.Module, weights: Weights) -> None:
 
 
 def freeze_trunk(trunk: nn.Module, trainable_layers: int | None) -> None:
-    """Train only the last ``trainable_layers`` blocks and the final norm (None or ``depth``: all, 0: none).
-
-    The stem (patch embedding, cls token, position embedding) trains only when every block does.
-    """
+    """Train only the last ``trainable_layers`` blocks and the final norm (None or ``depth``: all, 0: none); the
+    stem (patch embedding, cls token, position embedding) trains only when every block does."""
     depth = len(trunk.blocks)
     trainable_layers = depth if trainable_layers is None else trainable_layers
     if not isinstance(trainable_layers, int) or not 0 <= trainable_layers <= depth:
@@ -107,13 +99,10 @@ def create_backbone(backbone_name: str = "tokenformer_base", backbone_weights: W
                     feature_index: int = -1, norm_features: bool = True,
                     scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5), top_block: TopBlock = "pool",
                     **model_kwargs: Any) -> ViTDetBackbone:
-    """A :class:`ViTDetBackbone` on the timm model ``backbone_name`` (``tokenformer_*`` or a timm ``vit_*``).
-
-    ``backbone_weights`` (see :func:`load_backbone_weights`; None: random init), ``trainable_layers`` (see
-    :func:`freeze_trunk`), ``grad_checkpointing`` (recompute the blocks in the backward pass: less memory on large
-    images); the keyword options are :class:`ViTDetBackbone`'s, and ``model_kwargs`` go to ``timm.create_model``
-    (``depth``, ``attn_tokens``, ``img_size``, ``drop_path_rate``, ...).
-    """
+    """A :class:`ViTDetBackbone` (its keyword options) on the timm model ``backbone_name``, with
+    ``backbone_weights`` (:func:`load_backbone_weights`; None: random init) and ``trainable_layers``
+    (:func:`freeze_trunk`); ``grad_checkpointing`` recomputes the blocks in the backward pass (less memory on large
+    images), and ``model_kwargs`` go to ``timm.create_model`` (``depth``, ``attn_tokens``, ``img_size``, ...)."""
     for key in ("num_classes", "dynamic_img_size", "features_only", "pretrained"):
         if key in model_kwargs:
             raise ValueError(f"{key!r} is set by the detection backbone and cannot be passed to the trunk")

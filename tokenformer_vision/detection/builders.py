@@ -20,7 +20,6 @@ def _build(detector: type, backbone_name: str, num_classes: int, backbone_weight
            kwargs: dict[str, Any]) -> Any:
     """``detector`` on :func:`create_backbone`, with anchors, RoI poolers and image mean/std from the backbone."""
     retina = detector is RetinaNet
-    # RetinaNet's levels: strides 8/16/32 plus P6/P7 convs (64/128)
     options = {**(dict(scale_factors=(2.0, 1.0, 0.5), top_block="p6p7") if retina else {}), **(backbone_kwargs or {})}
     backbone = create_backbone(backbone_name, backbone_weights, trainable_layers, grad_checkpointing, **options)
     cfg = getattr(backbone.trunk, "pretrained_cfg", None) or {}
@@ -61,8 +60,7 @@ def fasterrcnn_tokenformer(backbone_name: str = "tokenformer_base", num_classes:
         **kwargs: passed to ``torchvision.models.detection.FasterRCNN`` (``min_size``, ``max_size``,
             ``box_score_thresh``, ...). Anchors, RoI pooler and image mean/std default to the backbone's.
     """
-    return _build(FasterRCNN, backbone_name, num_classes, backbone_weights, trainable_layers, grad_checkpointing,
-                  backbone_kwargs, kwargs)
+    return _build(FasterRCNN, **locals())
 
 
 def maskrcnn_tokenformer(backbone_name: str = "tokenformer_base", num_classes: int = 91,
@@ -70,8 +68,7 @@ def maskrcnn_tokenformer(backbone_name: str = "tokenformer_base", num_classes: i
                          grad_checkpointing: bool = False, *, backbone_kwargs: Mapping[str, Any] | None = None,
                          **kwargs: Any) -> MaskRCNN:
     """Mask R-CNN on a TokenFormer trunk; arguments as :func:`fasterrcnn_tokenformer` (kwargs go to ``MaskRCNN``)."""
-    return _build(MaskRCNN, backbone_name, num_classes, backbone_weights, trainable_layers, grad_checkpointing,
-                  backbone_kwargs, kwargs)
+    return _build(MaskRCNN, **locals())
 
 
 def retinanet_tokenformer(backbone_name: str = "tokenformer_base", num_classes: int = 91,
@@ -79,10 +76,6 @@ def retinanet_tokenformer(backbone_name: str = "tokenformer_base", num_classes: 
                           grad_checkpointing: bool = False, *, backbone_kwargs: Mapping[str, Any] | None = None,
                           **kwargs: Any) -> RetinaNet:
     """RetinaNet on a TokenFormer trunk; arguments as :func:`fasterrcnn_tokenformer` (kwargs go to ``RetinaNet``).
-
-    The pyramid defaults to RetinaNet's levels, strides 8/16/32 plus P6/P7 convs (64/128), with anchors of 4 × stride
-    at three octave scales (torchvision's, 32..512). ``backbone_kwargs=dict(scale_factors=..., top_block=...)``
-    changes the layout; the anchors follow the backbone's strides.
-    """
-    return _build(RetinaNet, backbone_name, num_classes, backbone_weights, trainable_layers, grad_checkpointing,
-                  backbone_kwargs, kwargs)
+    The pyramid defaults to RetinaNet's levels, strides 8/16/32 plus P6/P7 convs (64/128), with torchvision's anchors
+    (4 × stride at 3 octaves); ``backbone_kwargs=dict(scale_factors=..., top_block=...)`` changes the layout."""
+    return _build(RetinaNet, **locals())

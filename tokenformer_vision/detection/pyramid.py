@@ -1,8 +1,7 @@
 """ViTDet's simple feature pyramid (docs/architecture.md, References): multi-scale maps from ONE stride-16 map.
 
-Stride 4 comes from two 2×2 transposed convs, 8 from one, 16 is the map itself and 32 a 2×2 max-pool; each level
-then gets a 1×1 and a 3×3 conv, each followed by a channel LayerNorm. The extra top levels are torchvision's FPN
-blocks, so the output is what torchvision's detectors expect from ``BackboneWithFPN``.
+Stride 4 comes from two 2×2 transposed convs, 8 from one, 16 is the map itself and 32 a 2×2 max-pool. The extra top
+levels are torchvision's FPN blocks, so the output is what torchvision's detectors expect from ``BackboneWithFPN``.
 """
 
 from __future__ import annotations
@@ -22,28 +21,31 @@ TopBlock = Literal["pool", "p6p7"] | None
 _SCALES = (4.0, 2.0, 1.0, 0.5)
 
 
-def _rescale(scale: float, dim: int) -> tuple[nn.Module, int]:
-    """The resampling stage of one level and its output channel count."""
+def _level(scale: float, dim: int, out_channels: int) -> nn.Sequential:
+    """One level: resample by ``scale``, then 1×1 and 3×3 convs, each with a LayerNorm2d (no conv bias, as ViTDet)."""
     if scale == 4.0:
-        return nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2), LayerNorm2d(dim // 2),
-                             nn.GELU(), nn.ConvTranspose2d(dim // 2, dim // 4, kernel_size=2, stride=2)), dim // 4
-    if scale == 2.0:
-        return nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2), dim // 2
-    return (nn.Identity() if scale == 1.0 else nn.MaxPool2d(kernel_size=2, stride=2)), dim
+        rescale = nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2), LayerNorm2d(dim // 2),
+                                nn.GELU(), nn.ConvTranspose2d(dim // 2, dim // 4, kernel_size=2, stride=2))
+    elif scale == 2.0:
+        rescale = nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2)
+    else:
+        rescale = nn.Identity() if scale == 1.0 else nn.MaxPool2d(kernel_size=2, stride=2)
+    width = {4.0: dim // 4, 2.0: dim // 2}.get(scale, dim)  # channels after the transposed convs
+    return nn.Sequential(rescale, nn.Conv2d(width, out_channels, kernel_size=1, bias=False), LayerNorm2d(out_channels),
+                         nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+                         LayerNorm2d(out_channels))
 
 
 class SimpleFeaturePyramid(nn.Module):
     """Multi-scale NCHW pyramid from one feature map of ``in_channels`` (the ViT width) at stride ``in_stride``.
 
     Args:
-        scale_factors: resampling of each level relative to the input, fine to coarse; a subset of
-            ``(4.0, 2.0, 1.0, 0.5)`` (strides 4/8/16/32 for a stride-16 input).
+        scale_factors: each level's resampling of the input, fine to coarse, among ``(4.0, 2.0, 1.0, 0.5)``.
         top_block: ``'pool'`` adds a stride-2 subsampled copy of the coarsest level named ``'pool'`` (the R-CNN RPN
             level), ``'p6p7'`` two stride-2 3×3 convs named ``'p6'``, ``'p7'`` (RetinaNet), None nothing.
 
-    Levels are named ``'0'``, ``'1'``, ... like torchvision's FPN (its default RoI poolers work unchanged);
-    ``names``/``strides`` list every output, ``level_names`` those without the top block (the RoI pooling levels).
-    """
+    Levels are named ``'0'``, ``'1'``, ... like torchvision's FPN (its default RoI poolers work unchanged); ``names``
+    and ``strides`` list every output, ``level_names`` those without the top block (the RoI pooling levels)."""
 
     def __init__(self, in_channels: int, in_stride: int = 16, out_channels: int = 256,
                  scale_factors: Sequence[float] = _SCALES, top_block: TopBlock = "pool") -> None:
@@ -60,14 +62,7 @@ class SimpleFeaturePyramid(nn.Module):
         if top_block not in (tops := {"pool": ["pool"], "p6p7": ["p6", "p7"], None: []}):
             raise ValueError(f"top_block must be 'pool', 'p6p7' or None, got {top_block!r}")
         self.in_channels, self.out_channels, self.scale_factors = in_channels, out_channels, scales
-        self.stages = nn.ModuleList()
-        for scale in scales:
-            rescale, dim = _rescale(scale, in_channels)
-            self.stages.append(nn.Sequential(  # no conv bias: the LayerNorm after it re-centres anyway (ViTDet)
-                rescale,
-                nn.Conv2d(dim, out_channels, kernel_size=1, bias=False), LayerNorm2d(out_channels),
-                nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False), LayerNorm2d(out_channels),
-            ))
+        self.stages = nn.ModuleList(_level(scale, in_channels, out_channels) for scale in scales)
         self.top_block = (LastLevelMaxPool() if top_block == "pool"
                           else LastLevelP6P7(out_channels, out_channels) if top_block == "p6p7" else None)
         self.level_names = [str(i) for i in range(len(scales))]
