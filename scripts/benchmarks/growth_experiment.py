@@ -192,7 +192,12 @@ def run_one(args: argparse.Namespace, name: str, spec: dict[str, Any], seed: int
             first = WarmupCosine(cosine.warmup_steps, e1 * per_epoch, cosine.min_ratio)
             second = WarmupCosine(per_epoch * args.stage_warmup_epochs, e2 * per_epoch, cosine.min_ratio)
             switch = e1 * per_epoch
-            scheduler.lr_lambdas[0] = lambda step: first(step) if step < switch else second(step - switch)
+
+            def staged(step: int) -> float:
+                return first(step) if step < switch else second(step - switch)
+
+            # every param group (decay / no decay) follows the staged schedule, not only the first
+            scheduler.lr_lambdas = [staged] * len(scheduler.lr_lambdas)
             return out
 
     pl.seed_everything(seed, verbose=False)
