@@ -76,9 +76,9 @@ def derive_seed(*keys: int) -> int:
 
 class EpochSampler(DistributedSampler):
     """Training sampler whose order and augmentations are a function of ``(seed, epoch)`` alone, so an epoch replays
-    bit for bit after a resume with any number of workers: a generator seeded from both shuffles (the same on every
-    rank, which takes its ``rank::num_replicas`` share, padded like ``DistributedSampler``), and each index comes
-    with its augmentation seed. Lightning calls :meth:`set_epoch` and keeps it under DDP (a DistributedSampler)."""
+    bit for bit after a resume with any number of workers: the shuffle's generator is seeded from (seed, epoch) (the
+    same on every rank, which takes its ``rank::num_replicas`` share, padded like ``DistributedSampler``), and each
+    index comes with its augmentation seed. Lightning calls :meth:`set_epoch` and keeps it under DDP."""
 
     def __init__(self, dataset: Dataset, seed: int = 0, epoch: int = 0, num_replicas: int = 1, rank: int = 0,
                  shuffle: bool = True) -> None:
@@ -272,7 +272,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
                           "keeping the partial batch instead of dropping it", stacklevel=3)
             drop_last = False
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        if train:
+        if train:  # a DistributedSampler already: Lightning keeps it under DDP instead of wrapping it
             self._sampler = EpochSampler(dataset, self.seed, self.epoch, world_size, rank)
         sampler = self._sampler if train else None
         return DataLoader(
