@@ -1,4 +1,4 @@
-"""The Pattention formula in plain autograd: the oracle the tests compare the layer against (DESIGN §1).
+"""The Pattention formula in plain autograd: the oracle the tests compare the layer against (docs/design.md, section 1).
 
     A = x Kᵀ                                   # [..., n]
     S = GeLU(τ · A / max(‖A‖₂ over n, eps))    # exact (erf) GeLU

@@ -61,6 +61,15 @@ def test_bad_arguments_name_the_problem():
         ImageClassifier(model_name="nope", num_classes=3)
 
 
+def test_img_size_off_the_patch_grid_is_an_error():
+    with pytest.raises(ValueError, match=r"img_size 30 is not a multiple of patch_size 16: the 1×1 patch grid would "
+                                         r"leave out the last 14 rows and 14 columns.*dynamic_img_pad=True"):
+        ImageClassifier("tokenformer_tiny", num_classes=3, img_size=30, model_kwargs={"depth": 1})
+    padded = ImageClassifier("tokenformer_tiny", num_classes=3, img_size=30,
+                             model_kwargs={"depth": 1, "dynamic_img_pad": True, "dynamic_img_size": True})
+    assert padded(torch.zeros(1, 3, 30, 30)).shape == (1, 3)  # padded to 32: every pixel is in a patch
+
+
 # --------------------------------------------------------------------------------------------- optimizer
 def test_no_weight_decay_group_is_exactly_norms_biases_cls_pos(tmp_path, imagefolder):
     module = make_module(weight_decay=0.3, model_kwargs={**TINY, "depth": 2})
@@ -128,6 +137,27 @@ class RecordWeights(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.model_states.append({k: v.clone() for k, v in pl_module.model.state_dict().items()})
+
+
+def test_small_data_logs_train_loss_and_ema_is_not_in_eval_mode(tmp_path, imagefolder):
+    """Lightning's default log_every_n_steps (50) exceeds this whole fit; the EMA copy, in eval mode, made Lightning
+    warn of modules in eval mode at the start of training."""
+    import csv
+    import warnings
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = make_trainer(tmp_path, max_epochs=2, logger=CSVLogger(tmp_path), limit_val_batches=1)
+    assert trainer.log_every_n_steps == 50
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(make_module(ema_decay=0.9), datamodule=make_data(imagefolder))
+    assert not [str(w.message) for w in caught if "eval mode" in str(w.message)]
+    batches = trainer.num_training_batches
+    assert 1 < batches < 50 and trainer.log_every_n_steps == batches
+    with open(Path(trainer.log_dir) / "metrics.csv", newline="") as f:
+        logged = [int(row["step"]) for row in csv.DictReader(f) if row["train/loss"]]
+    assert logged == [batches - 1, 2 * batches - 1]  # once per epoch
 
 
 def test_ema_follows_the_reference_average(tmp_path, imagefolder):
@@ -374,7 +404,7 @@ def test_checkpoint_of_another_class_count_names_both_numbers(tmp_path):
     with pytest.raises(ValueError, match="num_classes 10 in the weights vs 3 in the model"):
         make_module(num_classes=3).on_load_checkpoint(ckpt)
     (tmp_path / "empty.ckpt").write_bytes(b"")
-    from tokenformer_vision.checkpoint import read_checkpoint
+    from tokenformer_vision.weights import read_checkpoint
 
     with pytest.raises(ValueError, match="empty"):
         read_checkpoint(tmp_path / "empty.ckpt")

@@ -4,6 +4,7 @@ of config parsing and the ``export`` dispatch. Tiny model (d 32, 1 block, 32x32,
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import subprocess
 import sys
@@ -154,3 +155,100 @@ def test_best_without_earlier_run_is_an_error(tmp_path, monkeypatch, imagefolder
     with pytest.raises(SystemExit, match="no earlier run"):
         cli.main(["validate", *MODEL_ARGS, "--data", "ImageFolderDataModule", "--data.root", str(imagefolder),
                   "--ckpt_path", "best"])
+
+
+# ------------------------------------------------------------------------------------------ errors that name the fix
+def _error(args: list[str], capsys) -> str:
+    """The message of a failing command: at most 15 lines, and no usage dump."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(args)
+    message = str(info.value.code)
+    assert message.startswith("tokenformer-vision: error: "), message
+    assert len(message.splitlines()) <= 15, message
+    assert "usage:" not in message + capsys.readouterr().err
+    return message
+
+
+@pytest.mark.parametrize(("extra", "needles"), [
+    (["--model.nonfinite", "maybe"], ['"model.nonfinite"', "'skip', 'stop'", "maybe"]),
+    (["--model.model_kwargs", "{patch_size:8,depth:1"], ['"model.model_kwargs"', "Expected a dict"]),
+    (["--model.lr", "fast"], ['"model.lr"', "Expected a float", "fast"]),
+])
+def test_argument_type_errors_name_the_key_and_the_type(capsys, extra, needles):
+    message = _error(["fit", "--data", "DigitsDataModule", *extra], capsys)
+    assert all(n in message for n in needles), message
+    assert "tokenformer-vision fit --help" in message
+
+
+def test_checkpoint_of_other_classes_is_one_short_error(tmp_path, monkeypatch, imagefolder, capsys):
+    from tokenformer_vision import ImageClassifier
+
+    monkeypatch.chdir(tmp_path)
+    module = ImageClassifier("tokenformer_tiny", num_classes=5, img_size=32,
+                             model_kwargs={"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2})
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": "2.6.6"}, tmp_path / "five.ckpt")
+    message = _error(["validate", *MODEL_ARGS, "--data", "ImageFolderDataModule", "--data.root", str(imagefolder),
+                      "--data.num_workers", "0", "--ckpt_path", str(tmp_path / "five.ckpt")], capsys)
+    assert "5" in message and "3" in message and "classes" in message, message
+
+
+def test_shrinking_growth_schedule_is_one_short_error(tmp_path, monkeypatch, imagefolder, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "grow.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: tokenformer_vision.GrowthCallback\n      init_args:\n"
+                      "        schedule: [{step: 1, attn_tokens: 16}]\n")
+    message = _error(["fit", "--config", str(config), *MODEL_ARGS, "--data", "ImageFolderDataModule",
+                      "--data.root", str(imagefolder), "--data.num_workers", "0", "--trainer.max_steps", "2",
+                      "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"], capsys)
+    assert "shrink" in message and "attn_tokens" in message and "32" in message and "16" in message, message
+
+
+def test_full_disk_is_reported_as_enospc(tmp_path, monkeypatch, imagefolder, capsys):
+    monkeypatch.chdir(tmp_path)
+    real_fdopen = os.fdopen
+
+    def full_fdopen(fd, mode="r", *args, **kwargs):  # checkpoint files take 600 bytes, then the disk is full
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        write, written = f.write, [0]
+
+        def limited(data):
+            written[0] += len(data)
+            if written[0] > 600:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return write(data)
+
+        if "w" in mode:
+            f.write = limited
+        return f
+
+    monkeypatch.setattr(os, "fdopen", full_fdopen)
+    message = _error(["fit", *MODEL_ARGS, "--data", "ImageFolderDataModule", "--data.root", str(imagefolder),
+                      "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                      "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
+                      "--trainer.enable_progress_bar", "false"], capsys)
+    assert "No space left on device" in message and "free space" in message, message
+    assert "unexpected pos" not in message
+
+
+def test_version_and_help_of_the_command_import_nothing_heavy():
+    code = ("import sys, tokenformer_vision_cli as c\n"
+            "c.main(['--version'])\n"
+            "try:\n    c.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "print(sorted(m for m in ('torch', 'timm', 'lightning', 'tokenformer_vision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"tokenformer-vision {tokenformer_vision.__version__}"
+    assert any(line.startswith("usage: tokenformer-vision") for line in lines)
+    assert all(sub in out.stdout for sub in ("fit", "validate", "test", "predict", "export", "grow"))
+    assert lines[-1] == "[]"  # neither torch nor the package was imported
+
+
+def test_export_does_not_import_lightning():
+    code = ("import sys\nfrom tokenformer_vision import cli\ntry:\n    cli.main(['export', '--help'])\n"
+            "except SystemExit as e:\n    assert e.code in (0, None)\n"
+            "print(sorted(m for m in ('lightning', 'tokenformer_vision.classifier') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "--ckpt_path" in out.stdout and out.stdout.splitlines()[-1] == "[]"

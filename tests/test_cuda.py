@@ -93,8 +93,8 @@ def test_pattention_autocast_matches_reference(dtype):
 
 def test_pattention_fp16_autocast_normalises_in_fp32():
     """Scores of a few hundred to a few thousand: their squares overflow fp16 (max 65504), so a sum of squares in
-    fp16 would give inf and a zero output; the normalisation must run in fp32 (DESIGN §1). An all-zero input row
-    stays finite (eps) and maps to zero."""
+    fp16 would give inf and a zero output; the normalisation must run in fp32 (docs/design.md, section 1). An
+    all-zero input row stays finite (eps) and maps to zero."""
     layer = _layer(64, 32, 256)
     x = torch.randn(2, 8, 64, device=DEVICE) * 3000.0  # |x Kᵀ| ≈ 500 with keys ~ N(0, 0.02²)
     x[0, 0] = 0.0

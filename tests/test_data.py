@@ -447,6 +447,40 @@ def test_train_epochs_replay_bit_for_bit_after_load_state_dict(imagefolder):
     assert _same_batches(drain(other.train_dataloader()), runs[0][2])
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_loader_resumes_mid_epoch_with_any_workers(imagefolder, workers):
+    """The train DataLoader's state (epoch, batches handed out) continues an epoch at the next batch, restored
+    through the data module (its checkpoint entry) or the loader itself (Lightning's loop state); a loader whose
+    epoch is then moved on (Lightning's resume from a complete epoch) starts the new epoch at its beginning."""
+    kw = dict(batch_size=4, random_erasing=0.5, drop_last=False, seed=3)
+
+    def dm_at(epoch: int) -> ImageFolderDataModule:
+        dm = small_dm(imagefolder, num_workers=workers, **kw)
+        dm.set_epoch(epoch)
+        return dm
+
+    full, following = drain(dm_at(1).train_dataloader()), drain(dm_at(2).train_dataloader())
+    dm = dm_at(1)
+    loader = dm.train_dataloader()
+    batches = iter(loader)
+    first = [next(batches) for _ in range(2)]
+    assert loader.state_dict() == {"epoch": 1, "batches": 2}
+    assert dm.state_dict() == {"seed": 3, "epoch": 1, "skipped_images": dm.skipped_images, "batches": 2}
+    resumed = small_dm(imagefolder, num_workers=workers, **kw)
+    resumed.load_state_dict(dm.state_dict())
+    rest = drain(resumed.train_dataloader())
+    assert len(rest) == len(full) - 2 and _same_batches(first + rest, full)
+    assert resumed.state_dict()["epoch"] == 1 and "batches" not in resumed.state_dict()  # the epoch is complete
+    again = dm_at(0).train_dataloader()
+    again.load_state_dict(loader.state_dict())
+    assert _same_batches(drain(again), full[2:]) and _same_batches(drain(again), full)  # once, then from 0
+    moved = small_dm(imagefolder, num_workers=workers, **kw)
+    moved.load_state_dict({"seed": 3, "epoch": 1, "skipped_images": 0, "batches": 2})
+    batches = iter(moved.train_dataloader())  # Lightning: iter() first, then the epoch, then the batches
+    moved.set_epoch(2)
+    assert _same_batches(drain(batches), following)
+
+
 def test_epoch_sampler_order_seeds_and_rank_shares():
     data = list(range(10))
     sampler = EpochSampler(data, seed=3)
@@ -463,7 +497,10 @@ def test_epoch_sampler_order_seeds_and_rank_shares():
     assert list(EpochSampler(data, seed=4, epoch=0)) != list(sampler)
 
 
-def test_lightning_sets_the_epoch_and_a_resumed_fit_replays_its_batches(imagefolder, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_lightning_sets_the_epoch_and_a_resumed_fit_replays_its_batches(imagefolder, tmp_path, workers):
+    """Resumed from an end-of-epoch checkpoint, a fit trains the next epoch's batches; from a mid-epoch one, the
+    rest of that epoch's (Lightning restores the train DataLoader's state), with or without worker processes."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -481,25 +518,35 @@ def test_lightning_sets_the_epoch_and_a_resumed_fit_replays_its_batches(imagefol
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    def fit(ckpt_path=None) -> tuple[Recorder, ImageFolderDataModule]:
-        model, dm = Recorder(), small_dm(imagefolder, batch_size=4, random_erasing=0.5)
+    def fit(ckpt_path=None) -> tuple[Recorder, ImageFolderDataModule, list[str]]:
+        model, dm = Recorder(), small_dm(imagefolder, batch_size=4, random_erasing=0.5, num_workers=workers)
         trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                             enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
-                            callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+                            callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1),
+                                       ModelCheckpoint(dirpath=tmp_path / "steps", filename="{step}", save_top_k=-1,
+                                                       every_n_train_steps=4)])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             trainer.fit(model, dm, ckpt_path=ckpt_path)
-        return model, dm
+        return model, dm, [str(w.message) for w in caught]
 
-    model, dm = fit()
+    model, dm, _ = fit()
     assert sorted(model.seen) == [0, 1, 2] and dm.epoch == 2 and dm.skipped_images == 3
     assert not _same_batches(model.seen[1], model.seen[2])
     ckpt = torch.load(tmp_path / "epoch=1.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["ImageFolderDataModule"] == {"seed": 0, "epoch": 1, "skipped_images": 2}
-    resumed, dm2 = fit(tmp_path / "epoch=1.ckpt")
+    resumed, dm2, _ = fit(tmp_path / "epoch=1.ckpt")
     assert sorted(resumed.seen) == [2]
     assert _same_batches(resumed.seen[2], model.seen[2])
     assert dm2.skipped_images == 3
+
+    assert len(model.seen[0]) == 6  # batches per epoch: the save at step 8 comes 2 batches into epoch 1
+    ckpt = torch.load(tmp_path / "steps" / "step=8.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["ImageFolderDataModule"]["batches"] == 2
+    resumed, _, messages = fit(tmp_path / "steps" / "step=8.ckpt")
+    assert not [m for m in messages if "not resumable" in m]
+    assert sorted(resumed.seen) == [1, 2] and len(resumed.seen[1]) == 4
+    assert _same_batches(resumed.seen[1], model.seen[1][2:]) and _same_batches(resumed.seen[2], model.seen[2])
 
 
 # ----------------------------------------------------------------------------------------------------- digits

@@ -8,8 +8,11 @@ that names the problem.
 from __future__ import annotations
 
 import argparse
+import fractions
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -221,9 +224,12 @@ def test_truncated_files(fitted, tmp_path, capsys):
     with pytest.raises(ValueError, match="truncated or not a PyTorch checkpoint"):
         export_checkpoint(tmp_path / "garbage.ckpt", tmp_path / "o")
     # an object weights_only refuses: named, never loaded with weights_only=False
-    torch.save({"state_dict": {}, "hyper_parameters": {"ns": argparse.Namespace(a=1)}}, tmp_path / "ns.ckpt")
-    refused = r"weights_only=True\) does not allow.*Unsupported global: .*argparse\.Namespace"
-    with pytest.raises(ValueError, match=refused):
+    torch.save({"state_dict": {}, "hyper_parameters": {"f": fractions.Fraction(1, 3)}}, tmp_path / "obj.ckpt")
+    with pytest.raises(ValueError, match=r"refused to load .*obj\.ckpt: the file asks to import `fractions\.Fraction`"):
+        export_checkpoint(tmp_path / "obj.ckpt", tmp_path / "o")
+    # timm's training checkpoints keep their args as an argparse.Namespace: allowed, as timm allows it
+    torch.save({"state_dict": {}, "args": argparse.Namespace(a=1)}, tmp_path / "ns.ckpt")
+    with pytest.raises(ValueError, match="no 'model_name'"):
         export_checkpoint(tmp_path / "ns.ckpt", tmp_path / "o")
     out = tmp_path / "cut"
     shutil.copytree(fitted.out, out)
@@ -248,8 +254,8 @@ def test_checkpoint_of_another_model(fitted, tmp_path):
     ckpt["hyper_parameters"]["model_kwargs"] = {"depth": 3}
     ckpt.pop("token_counts")
     torch.save(ckpt, tmp_path / "other.ckpt")
-    with pytest.raises(ValueError, match=r"does not fit this tokenformer_tiny: depth 2 in the weights vs 3 in the "
-                                         r"model"):
+    with pytest.raises(ValueError, match=r"other\.ckpt does not fit tokenformer_tiny: the weights are of another "
+                                         r"model \(depth: weights 2, model 3\)"):
         export_checkpoint(tmp_path / "other.ckpt", tmp_path / "o")
     # not an ImageClassifier checkpoint at all
     torch.save({"state_dict": {"net.weight": torch.zeros(2)}, "hyper_parameters": {}}, tmp_path / "foreign.ckpt")
@@ -267,7 +273,8 @@ def test_no_ema_weights_and_inconsistent_token_counts(fitted, tmp_path):
     with pytest.raises(ValueError, match="no EMA weights"):
         export_checkpoint(tmp_path / "no_ema.ckpt", tmp_path / "o", ema=True)
     torch.save({**ckpt, "token_counts": PRESET}, tmp_path / "lying.ckpt")
-    with pytest.raises(ValueError, match="attn_tokens 208 in the weights vs 192 in the model"):
+    with pytest.raises(ValueError, match=r"lying\.ckpt is inconsistent: its token_counts say .*'attn_tokens': 192.*"
+                                         r"its weights have .*'attn_tokens': 208"):
         export_checkpoint(tmp_path / "lying.ckpt", tmp_path / "o")
 
 
@@ -315,3 +322,41 @@ def test_save_timm_weights_rejects_what_it_cannot_describe(tmp_path):
     assert (loaded.embed_dim, len(loaded.blocks), loaded.pretrained_cfg["label_names"]) == (48, 1, ["x", "y", "z"])
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(_logits(loaded, x), _logits(model, x))
+
+
+def test_malicious_pickle_is_refused_by_name(tmp_path, capsys):
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("echo this must never run",)
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": Payload()}, path)
+    with pytest.raises(SystemExit) as info:
+        export_cli("--ckpt_path", str(path), "--out", str(tmp_path / "o"))
+    message = str(info.value.code)
+    assert f"refused to load {path}: the file asks to import `{os.system.__module__}.system`" in message
+    assert "weights_only=False" not in message and "will likely succeed" not in message
+    assert len(message.splitlines()) <= 15
+    assert "this must never run" not in capsys.readouterr().out
+
+
+def test_exported_files_have_the_usual_permissions(fitted):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {name: stat.S_IMODE((fitted.out / name).stat().st_mode) for name in (WEIGHTS_NAME, CONFIG_NAME)}
+    assert modes == {WEIGHTS_NAME: 0o666 & ~umask, CONFIG_NAME: 0o666 & ~umask}, modes
+
+
+def test_pretrained_cfg_overlay_route_reports_the_input_size_given_in_the_overlay(fitted):
+    # the overlay route reads no config.json: the export's input size comes with the overlay (or use local-dir:)
+    model = timm.create_model(ARCH, pretrained=True, **ARCH_KWARGS, pretrained_cfg_overlay=dict(
+        file=str(fitted.out / WEIGHTS_NAME), num_classes=3, input_size=(3, 32, 32)))
+    assert resolve_data_config(model=model)["input_size"] == (3, 32, 32)
+    assert _max_diff(_logits(model, fitted.x), fitted.logits) <= 1e-6
+
+
+def test_pretrained_cfg_overlay_route_reports_the_size_the_model_is_built_at(fitted):
+    # without input_size in the overlay, the data config follows the model's img_size, not the preset's 224²
+    model = timm.create_model(ARCH, pretrained=True, **ARCH_KWARGS, pretrained_cfg_overlay=dict(
+        file=str(fitted.out / WEIGHTS_NAME), num_classes=3))
+    assert resolve_data_config(model=model)["input_size"] == (3, 32, 32)

@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("summary.md", "summary.json", "cuda_tests.xml", "cuda_tests.json", "pattention_bf16.json", "fit.json",
-         "fit_steps.json", "fit/config.yaml", "fit/metrics.csv", "data_pipeline.json", "model_bf16.json")
+         "fit_steps.json", "fit/config.yaml", "fit/metrics.csv", "data_pipeline.json", "model_bf16.json",
+         "fashion_mnist.json", "growth_fashion_mnist.json")
 
 
 def _numbers(tree, path="") -> list[tuple[str, float]]:
@@ -46,7 +47,7 @@ def test_gpu_check_dry_run(tmp_path):
 
     summary = json.loads((out / "summary.json").read_text())
     assert {n: s["status"] for n, s in summary["steps"].items()} == {
-        n: "ok" for n in ("cuda_tests", "pattention", "fit", "data", "model")}
+        n: "ok" for n in ("cuda_tests", "pattention", "fit", "data", "model", "fashion_mnist")}
     numbers = _numbers(summary)
     assert numbers and all(math.isfinite(v) for _, v in numbers), [p for p, v in numbers if not math.isfinite(v)]
 
@@ -76,6 +77,17 @@ def test_gpu_check_dry_run(tmp_path):
 
     fit_json = json.loads((out / "fit.json").read_text())
     assert fit_json["growth_rows"], "the CSV log has no growth/max_abs_dlogits row"
+    parity = {r["name"]: r for r in summary["fashion_mnist"]}
+    assert set(parity) == {"vit_d16", "tokenformer_d16", "tokenformer_d16_n=d"}
+    assert parity["vit_d16"]["params"] > 0 and 0.0 <= parity["tokenformer_d16"]["test_acc1_mean"] <= 1.0
+    assert all(_positive_finite(r["train_flops"]) and _positive_finite(r["inference_images_per_s"])
+               for r in parity.values())
+    growth = summary["growth_fashion_mnist"]
+    assert {r["arm"] for r in growth} == {"large", "grow_1/4_rewarm"}
+    grown = next(r for r in growth if r["arm"] == "grow_1/4_rewarm")
+    assert grown["growth"] and grown["growth"][0]["max_abs_dlogits"] <= 1e-5  # exact growth, fp32
+    assert grown["total_flops_x"] < 1.0  # the small start costs less than large from scratch
+
     md = (out / "summary.md").read_text()
     for text in ("CUDA tests", "Pattention vs its two bare GEMMs", "max |Δlogits|", "Data pipeline", "compiled"):
         assert text in md, text

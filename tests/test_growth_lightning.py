@@ -4,6 +4,7 @@ growth of checkpoints (`tokenformer-vision grow`)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -197,6 +198,41 @@ def test_shrinking_stage_is_a_clear_error_at_fit_start(tmp_path):
     growth = GrowthCallback([{"step": 1, "attn_tokens": 4}])
     with pytest.raises(ValueError, match="shrink attn_tokens from the model's 8 to 4"):
         trainer(tmp_path, [growth], max_steps=2).fit(module, datamodule=RandomImages())
+
+
+def test_stages_the_fit_ends_before_are_reported(tmp_path):
+    """RandomImages: 2 batches per epoch. A stage at epoch 2 of a 2-epoch fit, or at step 6 of a 6-step fit, never
+    runs: a warning names it; stages inside the fit raise none."""
+    module = ImageClassifier(**MODEL)
+    late = GrowthCallback([{"epoch": 1, "attn_tokens": 10}, {"epoch": 2, "attn_tokens": 12}])
+    with pytest.warns(UserWarning, match=r"stage 1 \(\{'epoch': 2, 'attn_tokens': 12\}\) will not run.*"
+                                         r"max_epochs=2"):
+        trainer(tmp_path, [late], max_steps=-1, max_epochs=2).fit(module, datamodule=RandomImages())
+    assert late.done == [True, False] and module.model.attn_tokens == 10
+    module = ImageClassifier(**MODEL)
+    by_steps = GrowthCallback([{"step": 5, "attn_tokens": 10}, {"step": 6, "attn_tokens": 12}])
+    with pytest.warns(UserWarning, match=r"stage 1 \(\{'step': 6, 'attn_tokens': 12\}\) will not run: this fit "
+                                         r"ends after 6 optimizer steps") as record:
+        trainer(tmp_path, [by_steps], max_steps=6).fit(module, datamodule=RandomImages())
+    assert not [w for w in record if "stage 0" in str(w.message)] and by_steps.done == [True, False]
+
+
+def test_growth_is_announced_through_lightnings_console_logger(tmp_path):
+    """The console shows Lightning's ``lightning.pytorch`` log records by default (it gives that logger a handler
+    unless the root logger has one); the growth message must go there, not to a logger without a handler."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    console = logging.getLogger("lightning.pytorch")
+    console.addHandler(handler)
+    try:
+        growth = GrowthCallback([{"step": 1, "attn_tokens": 12}])
+        trainer(tmp_path, [growth], max_steps=2).fit(ImageClassifier(**MODEL), datamodule=RandomImages())
+    finally:
+        console.removeHandler(handler)
+    messages = [r.getMessage() for r in records if r.levelno >= logging.INFO]
+    assert any(m.startswith("GrowthCallback: stage 0 at step 1 (epoch 0): tokens") for m in messages), messages
+    assert console.handlers or logging.getLogger().handlers  # somewhere to print it
 
 
 DDP_SCRIPT = textwrap.dedent("""

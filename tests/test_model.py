@@ -8,7 +8,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import tokenformer_vision  # noqa: F401  (registers the models)
 from tokenformer_vision import Pattention, TokenFormerViT, checkpoint_filter_fn
-from tokenformer_vision.checkpoint import token_counts
+from tokenformer_vision.weights import token_counts
 
 PRESETS = {
     # name: (d, depth, heads, n_attn, n_ffn)
@@ -48,7 +48,7 @@ def test_preset_parameter_counts_match_design_formula(name):
     assert model.token_counts == {"attn_tokens": n_attn, "ffn_tokens": n_ffn}
     assert model.blocks[0].attn.num_heads == heads
     per_block = 4 * n_attn * (d + d) + n_ffn * (d + d)
-    assert per_block == 16 * d * n_attn  # DESIGN §2: 16·d·n_attn when n_ffn = 4·n_attn
+    assert per_block == 16 * d * n_attn  # docs/design.md: 16·d·n_attn when n_ffn = 4·n_attn
     embed = 3 * 16 * 16 * d + d + d + 197 * d  # conv weight + bias, cls token, pos embed
     head = d * 1000 + 1000
     final_norm = 2 * d

@@ -14,7 +14,7 @@ from torch import nn
 
 import tokenformer_vision  # noqa: F401  (registers the models)
 from tokenformer_vision import TokenFormerViT, checkpoint_filter_fn
-from tokenformer_vision.routing import RoutingStats, check_fraction, tlops_fraction, tlops_saving
+from tokenformer_vision.routing import RoutingConfig, RoutingStats, check_fraction, tlops_fraction, tlops_saving
 
 KW = dict(img_size=32, patch_size=8, depth=4, num_classes=5)  # 16 patches + cls = 17 tokens, d 192
 N = 17
@@ -304,6 +304,128 @@ def test_routing_target_pulls_towards_the_target_fraction():
         for block in model.blocks[1:]:  # descending moves the keep bias towards the target
             assert sign * float(block.router.fc2.bias.grad) > 0
 
+
+
+def test_target_is_annealed_from_one_over_the_training_steps():
+    model = make(token_routing=True, routing_target=0.6)
+    cfg = model.routing
+    alpha = (4 * 0.6 - 1) / 3
+    cfg.anneal_steps = 4
+    assert [cfg.block_target(3) for cfg.step in (0, 1, 2, 4, 9)] == pytest.approx(
+        [1.0, 1 - (1 - alpha) / 4, 1 - (1 - alpha) / 2, alpha, alpha])
+    cfg.step = 0
+    set_gates(model, bias=1.0, weight_scale=1.0)  # everything processed: exactly the step-0 target, no penalty
+    model.train()(images())
+    assert float(model.routing_loss().detach()) == 0.0
+    assert cfg.step == 1  # advanced once per training step
+    model(images())
+    loss = model.routing_loss()
+    assert float(loss.detach()) == pytest.approx(2.0 * (1 - (1 - (1 - alpha) / 4)) ** 2, abs=1e-6)
+    with torch.no_grad():
+        model.eval()(images())
+    model.routing_loss()
+    assert cfg.step == 2  # evaluation forwards do not advance the schedule
+    cfg.anneal_steps = 0  # no annealing: the final target from the first step
+    assert cfg.block_target(3) == pytest.approx(alpha)
+    assert RoutingConfig().block_target(3) is None
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_per_block_minimum_keeps_each_images_highest_logit_tokens(train):
+    model = make(token_routing=True).train(train)
+    model.routing.min_fraction = 0.25  # 16 patches: at least 4 per image and block
+    varied_gates(model)
+    for block in model.blocks[1:]:
+        with torch.no_grad():
+            block.router.fc2.bias.sub_(8.0)  # almost every token is below the threshold
+    x = images(4)
+    with torch.set_grad_enabled(train):
+        model(x)
+    decisions = [b.last_processed for b in model.blocks[1:]]
+    counts = torch.stack([d[:, 1:].sum(1) for d in decisions])
+    assert int(counts.min()) == 4 and bool(torch.stack([d[:, 0] for d in decisions]).all())
+    t = model.blocks[0](embed(model, x))
+    for block, processed in zip(model.blocks[1:], decisions, strict=True):
+        logits = block.router(t).squeeze(-1)[:, 1:]
+        top = logits.topk(4, dim=1).indices + 1
+        assert bool(processed.gather(1, top).all())  # the minimum is each image's highest logits
+        forced = torch.zeros_like(processed[:, 1:]).scatter(1, top - 1, True)
+        assert torch.equal(processed[:, 1:], (torch.sigmoid(logits) >= 0.5) | forced)
+        t = block(t)
+    model.routing.min_fraction = None
+    with torch.no_grad():
+        model(x)
+    assert int(model.routing_stats().processed[1:].min()) < 5  # without it, fewer
+
+
+def test_per_block_minimum_with_a_target_and_the_straight_through_gradient():
+    """The penalty's gradient reaches every patch token's keep probability equally (straight-through over the
+    hard fraction), the forced tokens of the minimum included, and never the prefix token."""
+    model = make(token_routing=True, routing_target=0.6).train()
+    model.routing.min_fraction = 0.5
+    set_gates(model, bias=-5.0)  # below the threshold everywhere: the minimum alone decides
+    x = images(2)
+    model(x)
+    assert all(int(c) == 8 for b in model.blocks[1:] for c in b.last_processed[:, 1:].sum(1))
+    keeps = [b.last_keep for b in model.blocks[1:]]
+    for k in keeps:
+        k.retain_grad()
+    loss = model.routing_loss()
+    alpha = (4 * 0.6 - 1) / 3
+    assert float(loss.detach()) == pytest.approx(2.0 * (0.5 - alpha) ** 2, abs=1e-6)
+    loss.backward()
+    for k in keeps:
+        want = 2.0 * 2 * (0.5 - alpha) / (3 * 2 * 16)  # λ · 2(f − α) / (blocks · images · patches)
+        assert torch.allclose(k.grad[:, 1:], torch.full_like(k.grad[:, 1:], want))
+        assert float(k.grad[:, 0].abs().max()) == 0.0
+
+
+def test_inference_runs_the_per_token_layers_on_the_processed_tokens_only():
+    """The gathered path costs what it skips: the FFN sees exactly the batch's processed tokens (no padding to the
+    image that keeps the most), and the outputs equal the slow per-image reference."""
+    model = make(token_routing=True).eval()
+    varied_gates(model)
+    model.routing_threshold = 0.45
+    rows: list[int] = []
+    hooks = [b.ffn.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[:-1].numel()))
+             for b in model.blocks[1:]]
+    x = images(4)
+    with torch.no_grad():
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    processed = [int(b.last_processed.sum()) for b in model.blocks[1:]]
+    longest = [int(b.last_processed.sum(1).max()) for b in model.blocks[1:]]
+    assert rows == processed
+    assert any(p < 4 * k for p, k in zip(processed, longest, strict=True)), "counts must differ between images"
+    with torch.no_grad():
+        torch.testing.assert_close(out, slow_reference(model, x, by_threshold), rtol=1e-4, atol=1e-4)
+
+
+def test_packed_block_equals_each_image_alone_whatever_the_attention_groups():
+    block = make(token_routing=True).blocks[2].eval()
+    x = torch.randn(5, N, 192, generator=torch.Generator().manual_seed(5))
+    processed = torch.rand(5, N, generator=torch.Generator().manual_seed(6)) < 0.5
+    processed[:, 0] = True
+    processed[1] = True  # one image keeps everything, one only its cls token
+    processed[3, 1:] = False
+    counts = processed.sum(1)
+    with torch.no_grad():
+        outs = [block.forward_packed(x, processed, counts, groups=g) for g in (1, 2, 5, 8)]
+        alone = [block.forward_gated(x[i, processed[i]][None])[0] for i in range(5)]
+    for out in outs:
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(out[~processed], x[~processed])  # skipped tokens pass through bit-exactly
+        for i in range(5):
+            torch.testing.assert_close(out[i, processed[i]], alone[i], rtol=1e-5, atol=1e-5)
+
+def test_routing_options_are_checked():
+    with pytest.raises(ValueError, match="min_fraction"):
+        RoutingConfig(min_fraction=1.5)
+    with pytest.raises(ValueError, match="anneal_steps"):
+        RoutingConfig(anneal_steps=-1)
+    with pytest.raises(ValueError, match="anneal_steps"):
+        RoutingConfig(anneal_steps=2.5)
 
 # -------------------------------------------------------------------------------------------- accounting
 def test_tlops_accounting_is_exact_on_a_constructed_case():

@@ -1,4 +1,4 @@
-"""timm's own model test-suite (tests/test_models.py from the pinned timm sdist) against tokenformer_tiny/small.
+"""timm's own model test-suite (tests/test_models.py from the installed timm's sdist) against tokenformer_tiny/small.
 
 It runs in a subprocess: timm's test module changes global torch state (JIT executor flags) at import, and its
 model lists must be built after our plugin has registered the models (see tests/timm_plugin.py).

@@ -126,6 +126,42 @@ class TokenFormerBlock(nn.Module):
         x = x + g * self.drop_path1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
         return x + g * self.drop_path2(self.ffn(self.norm2(x)))
 
+    def forward_packed(self, x: torch.Tensor, processed: torch.Tensor, counts: torch.Tensor,
+                       groups: int = 4) -> torch.Tensor:
+        """Inference on the ``processed [B, N]`` tokens of each image alone, the others unchanged (equal to
+        ``forward_gated`` on each image's processed tokens). The per-token layers (norms, the Pattention
+        projections, the FFN) run on the processed tokens of the whole batch packed together, so their cost is the
+        number processed; attention runs on each image's processed tokens, the images sorted by ``counts`` (``[B]``,
+        on the host) into ``groups`` groups, each padded to its own largest count (pads masked as keys)."""
+        B, N, C = x.shape
+        image, token = processed.nonzero(as_tuple=True)  # row-major: each image's tokens in their order
+        slot = processed.long().cumsum(1)[image, token] - 1  # position among the image's processed tokens
+        xt = x[image, token]  # [T, C]
+        q, k, v = self.attn.qkv(self.norm1(xt))
+        y = torch.empty_like(q)
+        heads = self.attn.num_heads
+        for members in torch.argsort(counts).chunk(min(groups, B)):  # images with similar counts together
+            size, longest = len(members), int(counts[members].max())
+            rank = torch.full((B,), -1, dtype=torch.long)
+            rank[members] = torch.arange(size)
+            rank = rank.to(x.device)[image]  # [T]: the token's image's row in this group, -1 if not in it
+            chosen = rank >= 0
+            index = (rank[chosen], slot[chosen])
+
+            def padded(t: torch.Tensor, size: int = size, longest: int = longest, index=index, chosen=chosen):
+                rows = t.new_zeros(size, longest, C).index_put_(index, t[chosen])
+                return rows.view(size, longest, heads, -1).transpose(1, 2)
+
+            mask = None
+            if int(counts[members].min()) < longest:
+                mask = torch.arange(longest).unsqueeze(0) < counts[members].unsqueeze(1)
+                mask = mask.to(x.device)[:, None, None, :]
+            out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask)
+            y[chosen] = out.transpose(1, 2).reshape(size, longest, C)[index]
+        xt = xt + self.drop_path1(self.attn.proj_drop(self.attn.proj(y)))
+        xt = xt + self.drop_path2(self.ffn(self.norm2(xt)))
+        return x.index_put((image, token), xt.to(x.dtype))
+
     def grow(self, attn_tokens: int | None = None, ffn_tokens: int | None = None, *,
              generator: torch.Generator | None = None) -> None:
         """Append parameter tokens to the four attention projections and/or the FFN (function-preserving)."""

@@ -1,9 +1,11 @@
-"""Lightning side of growth: :class:`GrowthCallback` grows the model on a schedule inside ``Trainer.fit`` with
-:func:`tokenformer_vision.growth.grow_training_state`, adding DDP re-wrap, LR re-warm, exactness check and logging."""
+"""Training callbacks. :class:`GrowthCallback` grows the model on a schedule inside ``Trainer.fit`` with
+:func:`tokenformer_vision.growth.grow_training_state`, adding DDP re-wrap, LR re-warm, exactness check and logging.
+:class:`NonFiniteGuard` skips (or stops at) optimizer steps whose loss or gradients are not finite."""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -13,11 +15,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from .growth import SecondMoment, grow_training_state
 
-__all__ = ["GrowthCallback", "GrowthStage", "validate_schedule"]
+__all__ = ["GrowthCallback", "GrowthStage", "NonFiniteGuard", "validate_schedule"]
 
 log = logging.getLogger(__name__)
 _STAGE_KEYS = {"step", "epoch", "attn_tokens", "ffn_tokens", "rewarm_steps"}
@@ -163,7 +166,25 @@ class GrowthCallback(Callback):
         # a shrinking stage is a config error: say so before spending a day of compute to reach it
         for index in (i for i, done in enumerate(self.done) if not done):
             self._stage_token_counts(pl_module, index)
+        self._warn_unreachable(trainer)
         self._install_rewarm(trainer)
+
+    def _warn_unreachable(self, trainer: pl.Trainer) -> None:
+        """Warn of stages that this fit ends before: at or after ``max_epochs``, or the last optimizer step."""
+        steps, epochs, batches = trainer.estimated_stepping_batches, trainer.max_epochs, trainer.num_training_batches
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else None
+
+        def unreachable(stage: GrowthStage) -> bool:
+            if stage.unit == "step":
+                return stage.at >= steps  # inf without a length: never
+            return (epochs not in (None, -1) and stage.at >= epochs) or bool(
+                per_epoch and math.isfinite(steps) and stage.at * per_epoch >= steps)  # max_steps ends it earlier
+
+        if late := [(i, s) for i, s in enumerate(self.schedule) if not self.done[i] and unreachable(s)]:
+            where = ", ".join(f"stage {i} ({s.as_dict()})" for i, s in late)
+            rank_zero_warn(f"GrowthCallback: {where} will not run: this fit ends after {steps} optimizer steps "
+                           f"(max_epochs={epochs}, max_steps={trainer.max_steps}; a stage runs at the start of its "
+                           "epoch, or once its number of steps is done). Move the stage earlier or train longer.")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -204,7 +225,7 @@ class GrowthCallback(Callback):
         before, targets = net.token_counts, self._stage_token_counts(pl_module, index)
         self.done[index] = True
         if targets == before:  # already there (a run resumed without this callback's state)
-            log.info("GrowthCallback: stage %d: the model already has %s, skipping", index, targets)
+            rank_zero_info(f"GrowthCallback: stage {index}: the model already has {targets}, skipping")
             return
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise RuntimeError(f"GrowthCallback: stage {index}: the model has non-finite parameters; refusing to "
@@ -230,9 +251,9 @@ class GrowthCallback(Callback):
             logger.log_metrics({"growth/step": float(step), **{f"growth/{k}": float(v) for k, v in after.items()},
                                 "growth/params": float(params_after), "growth/max_abs_dlogits": delta,
                                 "epoch": float(epoch)}, step=step)
-        if trainer.is_global_zero:
-            log.info("GrowthCallback: stage %d at step %d (epoch %d): tokens %s→%s, params %s→%s, max |Δlogits| "
-                     "%.3g", index, step, epoch, before, after, f"{params_before:,}", f"{params_after:,}", delta)
+        # on the console by default: Lightning's logger has a handler, this module's has none
+        rank_zero_info(f"GrowthCallback: stage {index} at step {step} (epoch {epoch}): tokens {before}→{after}, "
+                       f"params {params_before:,}→{params_after:,}, max |Δlogits| {delta:.3g}")
 
     def _install_rewarm(self, trainer: pl.Trainer) -> None:
         # The LR is scaled only during each optimizer step: LR schedulers, which step after it and may read the LR,
@@ -256,3 +277,52 @@ class GrowthCallback(Callback):
 
         for optimizer in trainer.optimizers:
             self._hooks += [optimizer.register_step_pre_hook(pre_hook), optimizer.register_step_post_hook(post_hook)]
+
+
+class NonFiniteGuard(Callback):
+    """What a fit does with an optimizer step whose loss or gradients are not finite: ``policy="skip"`` drops its
+    gradients, so that the optimizer leaves the weights and their moments as they are, with a warning, and stops the
+    run (FloatingPointError) after ``max_steps`` such steps in a row; ``"stop"`` stops at the first. Every rank takes
+    the same decision (gradients are checked after DDP has averaged them, the losses are agreed on). The count of
+    steps skipped in a row is saved in checkpoints. :class:`~tokenformer_vision.ImageClassifier` adds one (its
+    ``nonfinite`` and ``max_nonfinite_steps``)."""
+
+    def __init__(self, policy: Literal["skip", "stop"] = "skip", max_steps: int = 10) -> None:
+        if policy not in ("skip", "stop") or not _is_int(max_steps, 1):
+            raise ValueError(f"NonFiniteGuard: need policy 'skip' or 'stop' and max_steps ≥ 1, got {policy!r}, "
+                             f"{max_steps!r}")
+        self.policy, self.max_steps = policy, max_steps
+        self.streak = 0  # optimizer steps skipped in a row
+        self._loss_finite = True  # every loss of the current optimizer step (gradient accumulation: several)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"streak": self.streak}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.streak = int(state_dict.get("streak", 0))
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self._loss_finite &= bool(torch.isfinite(loss.detach()).all())
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        loss_finite, self._loss_finite = self._loss_finite, True
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:  # no backward at all (training_step returned None): no step to judge
+            return
+        # one host sync per step, not one per parameter
+        finite = loss_finite and bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all())
+        if trainer.strategy.reduce_boolean_decision(finite, all=True):
+            self.streak = 0
+            return
+        self.streak += 1
+        what = "training loss" if not loss_finite else "gradient"
+        what = f"non-finite {what} at step {trainer.global_step}"
+        pl_module.log("train/nonfinite_steps", float(self.streak), on_step=True, on_epoch=False)
+        if self.policy == "stop" or self.streak >= self.max_steps:
+            raise FloatingPointError(f"{what} ({self.streak} in a row); stopping (nonfinite={self.policy!r}, "
+                                     f"max_nonfinite_steps={self.max_steps}). Lower the learning rate, check the "
+                                     "data for NaN/Inf, or use precision bf16-mixed/32.")
+        rank_zero_warn(f"{what}; the optimizer step is skipped (nonfinite='skip')")
+        for p in params:
+            p.grad = None  # the optimizer skips parameters without a gradient: no update, no moment change

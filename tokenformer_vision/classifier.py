@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
@@ -20,10 +23,11 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from .checkpoint import adapt_state_dict, describe_mismatch, load_weights, token_counts
+from .callbacks import NonFiniteGuard
+from .weights import describe_mismatch, load_weights, select_weights, token_counts
 
 __all__ = ["ImageClassifier", "WarmupCosine", "TLOps"]
 
@@ -48,6 +52,26 @@ class WarmupCosine:
             return (step + 1) / self.warmup_steps
         progress = min(max((step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps), 0.0), 1.0)
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _rng_states() -> dict[str, Any]:
+    """This process's random states (torch CPU and CUDA, numpy's global, Python's), in types that a weights-only
+    ``torch.load`` reads back."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": random.getstate()}
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    """Restore :func:`_rng_states` (the CUDA states only onto as many devices as they were saved from)."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, key, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 class TLOps(Metric):
@@ -118,7 +142,8 @@ class ImageClassifier(LightningModule):
         self.model: nn.Module | None = None  # built by _build(), with the EMA copy and the Mixup function
         self.ema: ModelEmaV3 | None = None
         self.mixup_fn: Mixup | None = None
-        self.nonfinite_streak = 0  # consecutive skipped optimizer steps
+        self._nonfinite_guard: NonFiniteGuard | None = None  # the latest fit's non-finite policy
+        self._resumed_rng_states: dict[str, Any] | None = None  # a resumed fit's, set when its training starts
         if num_classes is not None:
             self._build(num_classes)
 
@@ -161,8 +186,17 @@ class ImageClassifier(LightningModule):
         if hp.ema_decay:
             self.ema = ModelEmaV3(self.model, decay=hp.ema_decay, use_warmup=hp.ema_warmup)
             self.ema.requires_grad_(False)  # no gradients, not in the optimizer, invisible to DDP's reducer
-        for name in ("val_acc1", "val_acc5", "test_acc1", "test_acc5"):
-            setattr(self, name, MulticlassAccuracy(num_classes, top_k=min(int(name[-1]), num_classes), average="micro"))
+            # ModelEmaV3 puts its copy in eval mode, which Lightning reports at the start of training; the copy only
+            # runs in validation, test and predict, where Lightning switches the whole module to eval mode anyway
+            self.ema.train(self.training)
+
+        def accuracy(stage: str) -> MetricCollection:  # logged as {stage}/acc1 and {stage}/acc5
+            top = {f"acc{k}": MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro")
+                   for k in (1, 5)}
+            # no compute groups: top-1 and top-5 states that agree after the first batch would be merged for good
+            return MetricCollection(top, prefix=f"{stage}/", compute_groups=False)
+
+        self.val_metrics, self.test_metrics = accuracy("val"), accuracy("test")
         if getattr(self.model, "token_routing", False):
             self.val_tlops = TLOps(len(self.model.blocks))
         if hp.mixup > 0 or hp.cutmix > 0:
@@ -173,20 +207,13 @@ class ImageClassifier(LightningModule):
                                          else nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing))
 
     def _load_pretrained(self, path: str) -> None:
-        """Load a weights file into ``self.model``; a head of another shape stays freshly initialised."""
-        state = adapt_state_dict(self.model, load_weights(path))  # EMA weights when present; grown, resampled
-        head = getattr(self.model, "pretrained_cfg", {}).get("classifier", "head")
-        own = self.model.state_dict()
-        new_head = {k for k, v in state.items() if k.startswith(f"{head}.") and k in own and own[k].shape != v.shape}
-        body = {k: v for k, v in state.items() if k not in new_head}
-        if problem := describe_mismatch(self.model, {**body, **{k: own[k] for k in new_head}}):
-            raise ValueError(f"ImageClassifier: {path} does not fit {self.hparams.model_name}: {problem}")
-        self.model.load_state_dict(body, strict=False)
-        if new_head:
-            log.info("pretrained %s: classifier %s re-initialised (shape differs)", path, sorted(new_head))
+        """Load a weights file into ``self.model`` (EMA weights when present, grown to the saved token counts); a
+        head of another size stays freshly initialised (fine-tuning)."""
+        if load_weights(self.model, path, head="auto", grow=True)["head"] == "reset":
+            log.info("pretrained %s: classifier head re-initialised (other classes)", path)
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self._trainer, "datamodule", None)
+        dm = getattr(self._trainer_or_none(), "datamodule", None)
         dm_classes = getattr(dm, "num_classes", None)
         if self.model is None:
             if dm_classes is None:
@@ -201,6 +228,12 @@ class ImageClassifier(LightningModule):
         elif dm_classes is not None and int(dm_classes) != self.num_classes:
             raise ValueError(f"ImageClassifier: the datamodule has {dm_classes} classes but the model was built "
                              f"for num_classes={self.num_classes}")
+
+    def _trainer_or_none(self) -> Any:
+        try:
+            return self.trainer
+        except RuntimeError:  # not attached to a Trainer (e.g. load_from_checkpoint, or built by hand)
+            return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._require_model()(x)
@@ -246,32 +279,17 @@ class ImageClassifier(LightningModule):
             self.log("train/routing_loss", penalty.detach(), **step_log)
             if (stats := self._routing_stats(self.model)) is not None:
                 self.log("train/tlops", stats.tlops, **step_log)
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if not finite:  # agreed on every rank: a rank that skips alone would hang the others
-            self._nonfinite(f"non-finite training loss at step {self.global_step}")
-            return None
-        return loss
+        return loss  # a non-finite one: NonFiniteGuard (configure_callbacks) skips its optimizer step
 
-    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        # one host sync per step, not one per parameter: this runs on every optimizer step
-        if not params or bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all()):
-            self.nonfinite_streak = 0
-            return
-        # DDP has already averaged the gradients, so every rank takes this branch together
-        self._nonfinite(f"non-finite gradient at step {self.global_step}")
-        for p in params:
-            p.grad = None  # the optimizer skips parameters without a gradient: no update, no moment change
+    def configure_callbacks(self) -> list[Callback]:
+        """The non-finite policy (``nonfinite``, ``max_nonfinite_steps``) as a :class:`NonFiniteGuard`."""
+        self._nonfinite_guard = NonFiniteGuard(self.hparams.nonfinite, self.hparams.max_nonfinite_steps)
+        return [self._nonfinite_guard]
 
-    def _nonfinite(self, what: str) -> None:
-        self.nonfinite_streak += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_streak), on_step=True, on_epoch=False)
-        hp = self.hparams
-        if hp.nonfinite == "stop" or self.nonfinite_streak >= hp.max_nonfinite_steps:
-            raise FloatingPointError(f"ImageClassifier: {what} ({self.nonfinite_streak} in a row); stopping (nonfinite="
-                                     f"{hp.nonfinite!r}, max_nonfinite_steps={hp.max_nonfinite_steps}). Lower the "
-                                     "learning rate, check the data for NaN/Inf, or use precision bf16-mixed/32.")
-        log.warning("ImageClassifier: %s; the optimizer step is skipped (nonfinite='skip')", what)
+    @property
+    def nonfinite_streak(self) -> int:
+        """Optimizer steps skipped in a row by the latest fit's non-finite policy."""
+        return self._nonfinite_guard.streak if self._nonfinite_guard is not None else 0
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -280,6 +298,9 @@ class ImageClassifier(LightningModule):
             self.ema.update(self.model, step=self.trainer.global_step + 1)
 
     def on_train_epoch_end(self) -> None:
+        self._log_skipped_images()
+
+    def _log_skipped_images(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if getattr(dm, "skipped_images", None) is not None:
             self.log("data/skipped_images", float(dm.skipped_images), rank_zero_only=True)
@@ -291,10 +312,10 @@ class ImageClassifier(LightningModule):
         logits = self.eval_model(images)
         loss = F.cross_entropy(logits, targets)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(images))
-        for k in (1, 5):
-            acc = getattr(self, f"{stage}_acc{k}")
-            acc.update(logits, targets)
-            self.log(f"{stage}/acc{k}", acc, on_step=False, on_epoch=True, prog_bar=k == 1, batch_size=len(images))
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        metrics.update(logits, targets)
+        for name, metric in metrics.items():
+            self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name.endswith("acc1"), batch_size=len(images))
         if stage == "val" and (stats := self._routing_stats(self.eval_model)) is not None:
             self.val_tlops.update(stats.processed, stats.tokens)
         return loss
@@ -309,7 +330,7 @@ class ImageClassifier(LightningModule):
                 self.log_dict({"val/tlops": fractions.mean(), "val/tlops_saving": 1.0 - fractions.mean(),
                                **{f"val/tlops_block{i}": value for i, value in enumerate(fractions)}})
             tlops.reset()
-        self.on_train_epoch_end()  # the skipped-images count
+        self._log_skipped_images()
 
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         return self._evaluate(batch, "test")
@@ -362,7 +383,13 @@ class ImageClassifier(LightningModule):
 
     def on_train_start(self) -> None:
         """A resumed fit restores the checkpoint's schedule, whose cosine ends where the first run ended: follow
-        the trainer's current total of steps instead (e.g. ``--trainer.max_epochs`` raised), and say so."""
+        the trainer's current total of steps instead (e.g. ``--trainer.max_epochs`` raised), and say so. A logging
+        interval longer than an epoch (Lightning's default 50 on small data) shortens to one epoch, so that
+        ``train/*`` reaches the loggers. A resumed fit gets the random states of the checkpoint."""
+        self._fit_log_interval()
+        if self._resumed_rng_states is not None:  # not earlier: loading the checkpoint draws random numbers
+            _set_rng_states(self._resumed_rng_states)
+            self._resumed_rng_states = None
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         for s in (config.scheduler for config in self.trainer.lr_scheduler_configs):
             for fn in getattr(s, "lr_lambdas", []):
@@ -373,10 +400,23 @@ class ImageClassifier(LightningModule):
                     for group, base, lam in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas, strict=True):
                         group["lr"] = base * lam(s.last_epoch)
 
+    def _fit_log_interval(self) -> None:
+        trainer, batches = self.trainer, self.trainer.num_training_batches
+        if not trainer.loggers or not math.isfinite(batches) or batches < 1:
+            return
+        steps = math.ceil(batches / trainer.accumulate_grad_batches)  # the interval counts optimizer steps
+        if trainer.log_every_n_steps > steps:
+            rank_zero_info(f"ImageClassifier: log_every_n_steps {trainer.log_every_n_steps} is longer than an epoch "
+                           f"({steps} steps): logging every {steps} steps")
+            trainer.log_every_n_steps = steps
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Mixup, CutMix, drop path and dropout draw from the global generators, which Lightning does not save: a
+        # resumed fit restores them, and draws what the uninterrupted run drew after this point
+        checkpoint["rng_states"] = _rng_states()
         if self.model is not None and hasattr(self.model, "token_counts"):
             checkpoint["token_counts"] = dict(self.model.token_counts)
-        dm = getattr(self._trainer, "datamodule", None)
+        dm = getattr(self._trainer_or_none(), "datamodule", None)
         if names := getattr(dm, "class_names", None):  # class names and preprocessing, read by `export`
             checkpoint["class_names"] = [str(n) for n in names]
         if (cfg := getattr(dm, "transform_config", None)) is not None:
@@ -385,10 +425,14 @@ class ImageClassifier(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Runs before the weights load: grow the fresh model (and EMA copy) to the checkpoint's token counts,
-        check that the weights fit (one error naming what differs), and reconcile EMA weights with ``ema_decay``."""
+        check that the weights fit (one error naming what differs), and reconcile EMA weights with ``ema_decay``.
+        A fit resumes the random states saved with the checkpoint, once training starts."""
+        trainer = self._trainer_or_none()
+        if "rng_states" in checkpoint and trainer is not None and trainer.state.fn == "fit":
+            self._resumed_rng_states = checkpoint["rng_states"]  # restoring and building below draw random numbers
         state: dict[str, torch.Tensor] = checkpoint["state_dict"]
         model = self._require_model()
-        weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        weights = select_weights(checkpoint, ema=False)
         counts, have = checkpoint.get("token_counts") or token_counts(weights), getattr(model, "token_counts", None)
         if counts and hasattr(model, "grow") and dict(counts) != have and all(counts[k] >= have[k] for k in have):
             log.info("growing the model from %s to the checkpoint's %s", have, dict(counts))

@@ -6,32 +6,37 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from safetensors import SafetensorError, safe_open
 from timm.models import get_model_input_config, save_for_hf
 from torch import nn
 
-from .checkpoint import head_classes, read_checkpoint
+from .weights import head_classes, load_weights, read_checkpoint
 
-__all__ = ["WEIGHTS_NAME", "CONFIG_NAME", "ONNX_NAME", "load_classifier", "export_checkpoint", "save_timm_weights",
-           "load_exported", "export_onnx", "check_onnx"]
+__all__ = ["WEIGHTS_NAME", "CONFIG_NAME", "ONNX_NAME", "export_checkpoint",
+           "save_timm_weights", "load_exported", "export_onnx", "check_onnx"]
 
 WEIGHTS_NAME, CONFIG_NAME, ONNX_NAME = "model.safetensors", "config.json", "model.onnx"
 
 
-def load_classifier(ckpt_path: str | Path) -> Any:
-    """``ImageClassifier.load_from_checkpoint`` on the CPU, in eval mode, with clear errors for a wrong file."""
-    from .classifier import ImageClassifier
-
-    checkpoint = read_checkpoint(ckpt_path)
+def _timm_model(checkpoint: dict[str, Any], source: str = "the checkpoint", ema: bool = False) -> nn.Module:
+    """The timm model of an ImageClassifier checkpoint (already read: each command reads its file once), built
+    from its hyperparameters, grown to its token counts, with its raw or EMA weights, in eval mode on the CPU."""
     if not isinstance(checkpoint.get("state_dict"), dict):
-        raise ValueError(f"{ckpt_path} is not a Lightning checkpoint: it has no 'state_dict'")
-    if not (checkpoint.get("hyper_parameters") or {}).get("model_name"):
-        raise ValueError(f"{ckpt_path} is not an ImageClassifier checkpoint: its hyper_parameters have no 'model_name'")
-    return ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True).eval()
+        raise ValueError(f"{source} is not a Lightning checkpoint: it has no 'state_dict'")
+    hp = checkpoint.get("hyper_parameters") or {}
+    if not hp.get("model_name"):
+        raise ValueError(f"{source} is not an ImageClassifier checkpoint: its hyper_parameters have no 'model_name'")
+    kwargs = {**(hp.get("model_kwargs") or {}), **({"img_size": hp["img_size"]} if hp.get("img_size") else {})}
+    model = timm.create_model(hp["model_name"], num_classes=int(hp.get("num_classes") or 0), **kwargs)
+    load_weights(model, checkpoint, ema=ema, head="keep", grow=True, name=source)
+    return model.eval()
 
 
 def save_timm_weights(model: nn.Module, out_dir: str | Path, label_names: list[str] | None = None,
@@ -43,10 +48,14 @@ def save_timm_weights(model: nn.Module, out_dir: str | Path, label_names: list[s
                          "its architecture and construction arguments can be written to config.json")
     if label_names is not None and model.num_classes and len(label_names) != model.num_classes:
         raise ValueError(f"{len(label_names)} label names for a model with num_classes={model.num_classes}")
-    save_for_hf(model, Path(out_dir), model_config={"label_names": list(label_names)} if label_names else None,
+    out_dir = Path(out_dir)
+    save_for_hf(model, out_dir, model_config={"label_names": list(label_names)} if label_names else None,
                 model_args=dict(getattr(model, "token_counts", {})), safe_serialization=True,
                 data_config=dict(data_config or {}))
-    return Path(out_dir)
+    # safetensors writes through a private temporary file (0600): give the weights config.json's mode (0666 less
+    # the umask), so whoever may read the config may read the weights
+    os.chmod(out_dir / WEIGHTS_NAME, stat.S_IMODE((out_dir / CONFIG_NAME).stat().st_mode))
+    return out_dir
 
 
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, ema: bool = False, onnx: bool = False,
@@ -61,12 +70,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, ema: bool = False,
         verify: load the export back through timm and require the checkpoint's logits exactly.
         opset: ONNX opset (default: the exporter's).
     """
-    classifier = load_classifier(ckpt_path)
-    checkpoint = read_checkpoint(ckpt_path)  # class names and data config recorded at fit time
-    if ema and not any(k.startswith("ema.") for k in checkpoint["state_dict"]):
-        raise ValueError(f"{ckpt_path} has no EMA weights: export without --ema, or train with ema_decay")
-    model = classifier.ema.module if ema else classifier.model
-    names = checkpoint.get("class_names") or classifier.hparams.get("class_names")
+    checkpoint = read_checkpoint(ckpt_path)  # weights, class names and data config recorded at fit time
+    model = _timm_model(checkpoint, str(ckpt_path), ema=ema)
+    names = checkpoint.get("class_names") or (checkpoint.get("hyper_parameters") or {}).get("class_names")
     data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in (checkpoint.get("data_config") or {}).items()}
     out = save_timm_weights(model, out, label_names=names, data_config=data_config)
     x = _example_input(model)
@@ -100,7 +106,7 @@ def load_exported(path: str | Path, *, model_name: str | None = None, num_classe
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not a timm export directory")
     if path.exists() and not path.is_dir() and path.suffix != ".safetensors":
         raise ValueError(f"{path} is neither an export directory nor a .safetensors file")
-    saved = head_classes(read_checkpoint(weights))  # clear errors for a missing or truncated file
+    saved = _saved_classes(weights)  # clear errors for a missing or truncated file
     if num_classes is not None and num_classes != saved and not reset_classifier:
         raise ValueError(f"num_classes={num_classes} but the saved head has {saved} classes; pass "
                          f"reset_classifier=True to replace the head (fine-tuning), or num_classes={saved}")
@@ -121,6 +127,18 @@ def load_exported(path: str | Path, *, model_name: str | None = None, num_classe
     if reset_classifier:
         model.reset_classifier(saved if num_classes is None else num_classes)
     return model.eval()
+
+
+def _saved_classes(weights: Path) -> int:
+    """Classes of the head saved in ``weights``, from the safetensors header alone (timm reads the tensors)."""
+    if not weights.is_file():
+        raise FileNotFoundError(f"weights file not found: {weights}")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return head_classes({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()
+                                 if k in ("head.weight", "head.value_param")})
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read {weights}: truncated or not a safetensors file ({err})") from err
 
 
 def _example_input(model: nn.Module, batch_size: int = 2) -> torch.Tensor:

@@ -16,14 +16,14 @@ from typing import Any, Literal
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import register_notrace_module
+from timm.layers import register_notrace_module, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models import vision_transformer as timm_vit
 
 from . import merging, routing
 from .block import PattentionPatchEmbed, TokenFormerBlock
-from .checkpoint import architecture, head_classes, token_counts
 from .pattention import Pattention, default_value_std
+from .weights import architecture, grow_to_weights, head_classes, token_counts
 
 __all__ = ["TokenFormerViT", "checkpoint_filter_fn", "PRESETS"]
 
@@ -69,6 +69,7 @@ class TokenFormerViT(timm_vit.VisionTransformer):
     ) -> None:
         if global_pool not in ("", "token", "avg", "max", "avgmax"):
             raise ValueError(f"global_pool must be '', 'token', 'avg', 'max' or 'avgmax', got {global_pool!r}")
+        _check_patch_grid(img_size, patch_size, dynamic_img_pad)
         attn_tokens = embed_dim if attn_tokens is None else attn_tokens
         ffn_tokens = 4 * attn_tokens if ffn_tokens is None else ffn_tokens
         weight = (2.0 if routing_target is not None else 0.0) if routing_loss_weight is None else routing_loss_weight
@@ -210,13 +211,28 @@ class TokenFormerViT(timm_vit.VisionTransformer):
         return super().forward_intermediates(x, *args, output_fmt=output_fmt, **kwargs)
 
 
+def _check_patch_grid(img_size: int | tuple[int, int] | None, patch_size: int | tuple[int, int],
+                      dynamic_img_pad: bool) -> None:
+    """The patch embedding floors the grid: an image side that is not a multiple of the patch side loses its
+    remainder without a word (30 px with patch 16: one patch, 14 px dropped), unless ``dynamic_img_pad`` pads it."""
+    if img_size is None or dynamic_img_pad:
+        return
+    (h, w), (ph, pw) = to_2tuple(img_size), to_2tuple(patch_size)
+    if h % ph or w % pw:
+        fits = f"{max(ph, round(h / ph) * ph)}×{max(pw, round(w / pw) * pw)}"
+        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}: the {h // ph}×{w // pw} "
+                         f"patch grid would leave out the last {h % ph} rows and {w % pw} columns of every image. Use "
+                         f"an img_size that is a multiple (e.g. {fits}), another patch_size, or pad each image up to "
+                         "the grid with dynamic_img_pad=True and dynamic_img_size=True.")
+
+
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: TokenFormerViT) -> dict[str, torch.Tensor]:
     """Adapt a saved state dict to ``model``: grow the model to the saved token counts, then timm's own filter
     (wrapper prefixes, position-embedding resampling). Weights with *fewer* tokens than ``model`` cannot load into
     it (that would need shrinking): ValueError naming both counts. First-release ``blocks.N.mlp.*`` keys are renamed
     ``blocks.N.ffn.*``."""
+    # wrapper prefixes (module., _orig_mod.) are gone already: timm's load_state_dict cleans every file it reads
     state = {k.replace(".mlp.", ".ffn.") if ".blocks." in f".{k}" else k: v for k, v in state_dict.items()}
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     found, have = architecture(state), architecture(model.state_dict())
     other = [f"{k}: weights {found[k]}, model {have[k]}" for k in ("embed_dim", "depth")
              if found[k] and have[k] and found[k] != have[k]]
@@ -233,13 +249,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: TokenFor
                  if declared.get(k) is not None and declared[k] != v]
         if wrong:
             raise ValueError(f"config.json's token counts disagree with the weights file ({', '.join(wrong)})")
-        have = model.token_counts
-        fewer = [f"{k}: model {have[k]}, weights {v}" for k, v in saved.items() if v < have[k]]
-        if fewer:
-            raise ValueError(f"the weights have fewer parameter tokens than the model ({', '.join(fewer)}): build "
-                             "the model with the weights' attn_tokens/ffn_tokens")
-        if saved != have:
-            model.grow(**saved)
+        grow_to_weights(model, state)
     pos = state.get("pos_embed")
     if pos is not None and model.pos_embed is not None and pos.shape != model.pos_embed.shape:
         patches = pos.shape[1] - (0 if model.no_embed_class else model.num_prefix_tokens)
@@ -276,9 +286,16 @@ default_cfgs = generate_default_cfgs({name: {
 
 def _create(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> TokenFormerViT:
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(TokenFormerViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-                                **{"patch_size": 16, **PRESETS[variant], **kwargs})
+    model = build_model_with_cfg(TokenFormerViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+                                 **{"patch_size": 16, **PRESETS[variant], **kwargs})
+    # timm's resolve_data_config reads the pretrained cfg: report the size the model is built at (a 32² export
+    # loaded through pretrained_cfg_overlay would otherwise claim the preset's 224²)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = (kwargs.get("in_chans", 3), *to_2tuple(kwargs.get("img_size", 224)))
+    if cfg.get("input_size") is not None and tuple(cfg["input_size"]) != size:
+        model.pretrained_cfg = {**cfg, "input_size": size}
+    return model
 
 
 @register_model

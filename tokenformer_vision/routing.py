@@ -3,10 +3,13 @@
 Every block after the first has a router (:func:`make_router`) giving each token a *keep probability*
 ``k = sigmoid(logit)`` (k ≈ 0.73 at init); prefix (cls) tokens are always processed (README, "Token routing"):
 
-- **Threshold** (token-selective routing): a token is processed when ``k ≥ 1 − routing_threshold``. Training uses
-  the hard decisions with a straight-through estimator (skipped tokens are masked out of attention and get no
-  update; the gradient reaches ``k``); inference gathers the processed tokens, so the block runs on fewer tokens.
-  :func:`routing_loss` penalises the fraction processed, with a weight λ or towards a target TLOps fraction.
+- **Threshold** (token-selective routing): a token is processed when ``k ≥ 1 − routing_threshold`` (and, with a
+  per-block minimum ``RoutingConfig.min_fraction``, when it is among its image's highest-logit tokens). Training
+  uses the hard decisions with a straight-through estimator (skipped tokens are masked out of attention and get no
+  update; the gradient reaches ``k``); inference runs the block's per-token layers on the processed tokens of the
+  batch packed together and attention on each image's processed tokens, so the cost follows the tokens processed.
+  :func:`routing_loss` penalises the fraction processed, with a weight λ or towards a target TLOps fraction
+  (annealed from 1 over ``RoutingConfig.anneal_steps`` training steps).
 - **Capacity** (Mixture-of-Depths): each routed block processes the top ``capacity`` fraction of patch tokens by
   logit. Static shapes: training saves compute too and ``torch.compile`` needs no graph break.
 
@@ -47,6 +50,12 @@ class RoutingConfig:
         depth: number of blocks of the model (to convert ``target`` into a per-block fraction).
         num_prefix_tokens: leading tokens that are always processed (cls, registers).
         bias_init: initial bias of the router's last layer (keep probability sigmoid(bias)).
+        min_fraction: threshold routing: every image's highest-logit patch tokens, this fraction of them, run every
+            routed block whatever their keep probability (None or 0: no minimum).
+        anneal_steps: the per-block target of :func:`routing_loss` falls linearly from 1 (process everything) to
+            its final value over this many training steps (0: the final value from the first step).
+        step: training steps so far (advanced by :func:`routing_loss`); sets the annealed target. It is not part of
+            the model's state dict: a run resumed from a checkpoint anneals again unless ``step`` is set.
     """
 
     threshold: float = 0.5
@@ -56,6 +65,9 @@ class RoutingConfig:
     depth: int = 1
     num_prefix_tokens: int = 1
     bias_init: float = 1.0
+    min_fraction: float | None = None
+    anneal_steps: int = 0
+    step: int = 0
 
     def __post_init__(self) -> None:
         self.threshold = check_fraction("routing_threshold", self.threshold)
@@ -63,6 +75,22 @@ class RoutingConfig:
         self.target = check_fraction("routing_target", self.target, allow_none=True)
         if isinstance(self.loss_weight, bool) or not isinstance(self.loss_weight, (int, float)) or self.loss_weight < 0:
             raise ValueError(f"routing_loss_weight must be a number >= 0, got {self.loss_weight!r}")
+        self.min_fraction = check_fraction("routing min_fraction", self.min_fraction, allow_none=True)
+        for name in ("anneal_steps", "step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"routing {name} must be an integer >= 0, got {value!r}")
+
+    def block_target(self, routed: int) -> float | None:
+        """Per-block processed fraction that :func:`routing_loss` aims at now, with ``routed`` routed blocks: the
+        TLOps ``target`` over all blocks becomes α* = (depth · target − unrouted blocks) / routed blocks, reached
+        linearly from 1 over ``anneal_steps`` training steps; None without a target."""
+        if self.target is None:
+            return None
+        alpha = min(1.0, max(0.0, (self.depth * self.target - (self.depth - routed)) / max(routed, 1)))
+        if self.anneal_steps > 0:
+            alpha = 1.0 - (1.0 - alpha) * min(1.0, self.step / self.anneal_steps)
+        return alpha
 
 
 def make_router(dim: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Mlp:
@@ -74,6 +102,7 @@ def route_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run a routed ``TokenFormerBlock`` on the tokens its router chooses, the others unchanged; records
     ``block.last_keep`` (``[B, N]`` keep probabilities, differentiable) and ``block.last_processed`` (bool)."""
     cfg = block.routing
+    N = x.shape[1]
     logits = block.router(x).squeeze(-1).float()
     prefix = logits.new_full((x.shape[0], cfg.num_prefix_tokens), float("inf"))
     logits = torch.cat([prefix, logits[:, cfg.num_prefix_tokens:]], dim=1)
@@ -82,6 +111,11 @@ def route_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if cfg.capacity is not None:
         return _route_capacity(block, x, logits, keep, cfg)
     processed = keep >= 1.0 - cfg.threshold
+    if cfg.min_fraction:  # every image's ``minimum`` highest-logit patch tokens run the block whatever their k
+        p = cfg.num_prefix_tokens
+        minimum = min(N - p, math.ceil(cfg.min_fraction * (N - p)))
+        if minimum > 0:
+            processed = processed.scatter(1, logits[:, p:].topk(minimum, dim=1).indices + p, True)
     block.last_processed = processed
     if block.training:
         # straight-through: the forward value is exactly the hard decision (0 or 1), the gradient reaches keep
@@ -92,20 +126,12 @@ def route_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _route_gathered(block: nn.Module, x: torch.Tensor, processed: torch.Tensor) -> torch.Tensor:
-    """Inference: gather each image's processed tokens to the front, pad to the batch's largest count, mask pads."""
-    B, N, C = x.shape
-    counts = processed.sum(1)
-    K, everything = torch.stack([counts.max(), processed.all()]).tolist()  # one host sync: data-dependent length
-    if everything:
+    """Inference: the block runs on each image's processed tokens only (``TokenFormerBlock.forward_packed``: the
+    per-token layers on the packed tokens of the batch, attention on images grouped by their counts)."""
+    counts = processed.sum(1).cpu()  # one host sync: the shapes depend on the data
+    if bool((counts == x.shape[1]).all()):
         return block.forward_gated(x)
-    order = torch.argsort((~processed).to(torch.uint8), dim=1, stable=True)[:, :K]  # processed first, in order
-    valid = torch.arange(K, device=x.device).unsqueeze(0) < counts.unsqueeze(1)  # [B, K]; False = pad slot
-    index = order.unsqueeze(-1).expand(B, K, C)
-    xk = torch.gather(x, 1, index)
-    mask = torch.zeros(valid.shape, device=x.device).masked_fill(~valid, float("-inf"))[:, None, None, :]
-    yk = block.forward_gated(xk, attn_mask=mask)
-    # pad slots point at distinct skipped tokens: write their original values back, so the scatter is exact
-    return x.scatter(1, index, torch.where(valid.unsqueeze(-1), yk, xk))
+    return block.forward_packed(x, processed, counts)
 
 
 def _route_capacity(block: nn.Module, x: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor,
@@ -132,19 +158,21 @@ def _routed(blocks: Sequence[nn.Module]) -> list[tuple[int, nn.Module]]:
 def routing_loss(blocks: Sequence[nn.Module], cfg: RoutingConfig) -> torch.Tensor:
     """Compute penalty of the last forward: λ · fraction processed, or λ · (fraction − per-block target)²; zero
     when no routed block ran. The fraction is straight-through (its value is the hard fraction of patch tokens
-    processed, its gradient reaches the keep probabilities); ``target``, a TLOps fraction over all blocks, becomes
-    the per-block fraction α* = (depth · target − unrouted blocks) / routed blocks."""
+    processed, its gradient reaches the keep probabilities); the per-block target is
+    :meth:`RoutingConfig.block_target`. Call it once per training step: after a training forward it advances
+    ``cfg.step``, the annealing schedule."""
     ran = [b for _, b in _routed(blocks) if b.last_keep is not None]
+    alpha = cfg.block_target(len(_routed(blocks)))
+    if any(b.training for b in ran):
+        cfg.step += 1
     if not ran or cfg.loss_weight == 0:
         ref = next((b.last_keep for b in ran), None)
         return torch.zeros((), device=None if ref is None else ref.device)
     p = cfg.num_prefix_tokens
     fractions = torch.stack([(b.last_processed[:, p:].to(b.last_keep.dtype)
                               + (b.last_keep[:, p:] - b.last_keep[:, p:].detach())).mean() for b in ran])
-    if cfg.target is None:
+    if alpha is None:
         return cfg.loss_weight * fractions.mean()
-    routed = len(_routed(blocks))
-    alpha = min(1.0, max(0.0, (cfg.depth * cfg.target - (cfg.depth - routed)) / max(routed, 1)))
     return cfg.loss_weight * ((fractions - alpha) ** 2).mean()
 
 

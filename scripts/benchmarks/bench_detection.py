@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import add_device_args, autocast, dtype_of, load, machine_info, peak_bytes, resolve_device, sync
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the benchlib package
+from benchlib.common import add_device_args, autocast, dtype_of, load, machine_info, peak_bytes, resolve_device, sync
 
 import tokenformer_vision  # noqa: F401  (registers the timm models)
 from tokenformer_vision.detection import fasterrcnn_tokenformer

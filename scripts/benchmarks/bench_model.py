@@ -31,13 +31,17 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
-from common import (
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the benchlib package
+from benchlib.common import (
     add_device_args,
     autocast,
     best,

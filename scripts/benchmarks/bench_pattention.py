@@ -18,10 +18,14 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
-from common import (
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the benchlib package
+from benchlib.common import (
     add_device_args,
     autocast,
     best,

@@ -1,122 +1,173 @@
 """Token-selective routing benchmarks (docs/benchmarks.md, "Token-selective routing").
 
-``accuracy``: train the same small TokenFormer on scikit-learn's digits through ``ImageClassifier`` and
-``DigitsDataModule`` with and without routing at the same budget (epochs, batch, recipe, seed, data order), then
-evaluate the routed models at a sweep of thresholds: top-1 accuracy and TLOps fraction of each. Writes JSON and the
-routed weights (safetensors).
+``accuracy``: on Fashion-MNIST (``IDXDataModule``, patch 2: 196 patches + cls), train the same small TokenFormer
+without routing and with threshold routing at each ``--targets`` (``routing_target``, annealed from 1 over
+``--anneal`` of training, per-block minimum ``--min-fraction``), same recipe, seed and data order, through
+:func:`benchlib.harness.train_eval` (``ImageClassifier`` + DataModule + ``Trainer``). Then evaluate each routed model
+at a sweep of thresholds on the test split: top-1, TLOps fraction and inference images/s, timed interleaved with
+the unrouted model in this process. Mean over ``--seeds``. Writes JSON; ``--save-weights`` keeps the trained
+models (safetensors) and ``--from-weights`` reuses them (evaluation and timing only).
 
-``speed``: wall-clock inference throughput of ``tokenformer_small`` (224², CPU) with hard skipping vs the unrouted
-model, over a threshold sweep. The gates are untrained (last layer scaled so that halting probabilities spread
-over (0, 1)): speed depends only on how many tokens each block keeps, so each row reports the measured TLOps
-fraction next to the speed-up. The unrouted and routed models share all other weights and are timed interleaved
-in one process.
+``speed``: wall-clock inference throughput of ``tokenformer_small`` (224²) with hard skipping vs the unrouted
+model, over a threshold sweep. The gates are untrained (last layer scaled so that keep probabilities spread over
+(0, 1)): speed depends only on how many tokens each block keeps, so each row reports the measured TLOps fraction
+next to the speed-up. The unrouted and routed models share all other weights and are timed interleaved.
 
-    python scripts/benchmarks/bench_routing.py accuracy --epochs 30 --out /tmp/routing_acc.json
+    # CPU defaults (d 48, depth 4, 4 epochs, 1 seed, the two runs in parallel on a 2-core machine): about 35 min,
+    # estimated from the measured training throughput
+    OMP_NUM_THREADS=1 python scripts/benchmarks/bench_routing.py accuracy --threads 1 --out /tmp/routing_acc.json
+    python scripts/benchmarks/bench_routing.py accuracy --device cuda --precision bf16-mixed --dim 192 --depth 6 \
+        --heads 3 --epochs 30 --seeds 0 1 2 --out /tmp/routing_acc_gpu.json
+    # smoke run (a minute or two)
+    python scripts/benchmarks/bench_routing.py accuracy --epochs 1 --limit-train-batches 3 \
+        --limit-test-images 256 --thresholds 1.0 0.5 --reps 2 --out /tmp/routing_smoke.json
     python scripts/benchmarks/bench_routing.py speed --batch 8 --reps 3 --out /tmp/routing_speed.json
     python scripts/benchmarks/bench_routing.py speed --device cuda --dtype bfloat16 --batch 64 --reps 10
 
-Both accept ``--device cpu|cuda`` and ``--dtype float32|bfloat16|float16`` (accuracy: Lightning's ``32-true`` /
-``bf16-mixed`` / ``16-mixed``; speed: ``torch.autocast``); timings are synchronised on CUDA.
+``accuracy`` takes Lightning's ``--precision`` (``32-true``, ``bf16-mixed``; evaluation runs under the matching
+autocast), ``speed`` takes ``--dtype float32|bfloat16|float16`` (``torch.autocast``); both take ``--device``.
+Timings are synchronised on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
-import time
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import lightning as L
 import timm
 import torch
-from common import add_device_args, autocast, dtype_of, load, machine_info, resolve_device, timed
 
-import tokenformer_vision  # noqa: F401  (registers the models)
-from tokenformer_vision import DigitsDataModule, ImageClassifier, TokenFormerViT
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_token_reduction import (  # noqa: E402  (this folder: the script's own, first on sys.path)
+    PRECISION_DTYPE,
+    build_model,
+    datamodule,
+    evaluate,
+    steps_per_epoch,
+    train,
+)
+from benchlib.common import (  # noqa: E402
+    add_device_args,
+    autocast,
+    dtype_of,
+    load,
+    machine_info,
+    resolve_device,
+    time_interleaved,
+    timed,
+)
+from benchlib.runs import add_recipe_args  # noqa: E402
 
-THRESHOLDS = (1.0, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2)
+import tokenformer_vision  # noqa: E402, F401  (registers the models)
 
-
-PRECISION = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
+THRESHOLDS = (1.0, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3)
 
 
 # -------------------------------------------------------------------------------------------- accuracy
-@torch.no_grad()
-def evaluate(model: TokenFormerViT, loader, device: torch.device, dtype: torch.dtype) -> dict:
-    """Top-1 accuracy (%) and TLOps fraction (exact token counts) of ``model`` in eval mode over ``loader``."""
-    model.eval().to(device)
-    correct = total = 0
-    processed = None
-    tokens = 0
-    for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
-        with autocast(device, dtype):
-            logits = model(images)
-        correct += int((logits.argmax(-1) == targets).sum())
-        total += len(targets)
-        if model.token_routing:
-            stats = model.routing_stats()
-            counts = stats.processed.sum(1).cpu()
-            processed = counts if processed is None else processed + counts
-            tokens += stats.processed.shape[1] * stats.tokens
-    out = {"acc1": 100.0 * correct / total, "images": total, "tlops": 1.0}
-    if processed is not None:
-        fractions = processed.double() / tokens
-        out.update(tlops=float(fractions.mean()), block_fractions=[round(float(f), 4) for f in fractions])
-    return out
-
-
-def train(routing: bool, penalty: float, args: argparse.Namespace) -> tuple[TokenFormerViT, dict]:
-    """Train through the library's own path (ImageClassifier + DigitsDataModule + Lightning), same recipe, seed and
-    data order for every run; only ``token_routing``/``routing_loss_weight`` differ."""
-    L.seed_everything(args.seed, verbose=False)
-    module = ImageClassifier(
-        "tokenformer_tiny", num_classes=10, img_size=args.img_size, lr=args.lr, weight_decay=0.05,
-        betas=(0.9, 0.95), warmup_epochs=2, min_lr=1e-5, label_smoothing=0.1,
-        model_kwargs=dict(patch_size=args.patch_size, embed_dim=args.dim, depth=args.depth, num_heads=args.heads,
-                          token_routing=routing, routing_loss_weight=penalty),
-    )
-    dm = DigitsDataModule(img_size=args.img_size, batch_size=args.batch, num_workers=0, seed=args.seed)
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
-                        precision=PRECISION[args.dtype], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
-                        limit_val_batches=0, num_sanity_val_steps=0)
-    start = time.perf_counter()
-    trainer.fit(module, dm)
-    return module.model, {"train_seconds": round(time.perf_counter() - start, 1),
-                          "steps": trainer.global_step, "params": sum(p.numel() for p in module.model.parameters())}
-
-
 def run_accuracy(args: argparse.Namespace) -> dict:
-    device, dtype = resolve_device(args), dtype_of(args)
-    dm = DigitsDataModule(img_size=args.img_size, batch_size=args.batch, num_workers=0, seed=args.seed)
-    dm.setup("validate")
-    val = dm.val_dataloader()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device = device.type
+    dtype = PRECISION_DTYPE.get(args.precision, torch.float32)
+    dm = datamodule(args)
+    dm.setup("test")
+    test, seen = [], 0
+    for x, y, *_ in dm.test_dataloader():
+        if args.limit_test_images and seen >= args.limit_test_images:
+            break
+        test.append((x, y))
+        seen += len(y)
+    infer_x = torch.cat([x for x, _ in test])[: args.infer_batch]
+    infer_x = infer_x.repeat(-(-args.infer_batch // len(infer_x)), 1, 1, 1)[: args.infer_batch].to(device)
+    anneal_steps = int(args.anneal * args.epochs * steps_per_epoch(args))
+    configs = [("unrouted", {})] + [
+        (f"target_{t:g}", dict(token_routing=True, routing_target=t, min_fraction=args.min_fraction,
+                               anneal_steps=anneal_steps)) for t in args.targets]
     result = {"command": "accuracy", "args": vars(args), "machine_start": machine_info(device), "runs": []}
-    configs = [("off", False, 0.0)] + [(f"on, λ={p:g}", True, p) for p in args.penalties]
-    for name, routing, penalty in configs:
-        print(f"== {name}", flush=True)
-        model, info = train(routing, penalty, args)
-        run = {"name": name, "routing": routing, "penalty": penalty, **info}
-        if routing:
-            run["sweep"] = []
-            for threshold in THRESHOLDS:
-                model.routing_threshold = threshold
-                run["sweep"].append({"threshold": threshold, **evaluate(model, val, device, dtype)})
-                print(f"  threshold {threshold}: {run['sweep'][-1]}", flush=True)
-            if args.save_dir:
+    states, infos = {}, {}
+    with ProcessPoolExecutor(max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {}
+        for seed in args.seeds:
+            for name, routing in configs:
+                path = Path(args.from_weights or "") / f"{name}_s{seed}.safetensors"
+                if args.from_weights and path.exists():
+                    from safetensors.torch import load_file
+
+                    states[(name, seed)], infos[(name, seed)] = load_file(str(path)), {"loaded": str(path)}
+                    continue
+                futures[(name, seed)] = pool.submit(train, args, name, seed, routing, args.epochs, None, args.lr,
+                                                    args.warmup_epochs)
+        for key, future in futures.items():
+            out = future.result()
+            states[key] = out.pop("state")
+            infos[key] = out
+            print(f"trained {key}: {out}", flush=True)
+            if args.save_weights:
                 from safetensors.torch import save_file
-                path = Path(args.save_dir) / f"digits_routed_l{penalty:g}.safetensors"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
-                run["weights"] = str(path)
-        else:
-            run["eval"] = evaluate(model, val, device, dtype)
-            print(f"  eval: {run['eval']}", flush=True)
+
+                Path(args.save_weights).mkdir(parents=True, exist_ok=True)
+                save_file({k: v.contiguous() for k, v in states[key].items()},
+                          str(Path(args.save_weights) / f"{key[0]}_s{key[1]}.safetensors"))
+    for seed in args.seeds:
+        models = {}
+        for name, routing in configs:
+            models[name] = build_model(args, routing)
+            models[name].load_state_dict(states[(name, seed)])
+            models[name].eval().to(device)
+        base = models["unrouted"]
+        run = {"seed": seed, "unrouted": {**infos[("unrouted", seed)], **evaluate(base, test, device, dtype)},
+               "routed": {}}
+        print(f"seed {seed} unrouted: {run['unrouted']}", flush=True)
+        fns = {("unrouted", None): lambda m=base: m(infer_x)}
+        for name, _ in configs[1:]:
+            sweep = []
+            for threshold in args.thresholds:
+                models[name].routing_threshold = threshold
+                sweep.append({"threshold": threshold, **evaluate(models[name], test, device, dtype)})
+                print(f"  seed {seed} {name} threshold {threshold}: {sweep[-1]}", flush=True)
+
+                def call(m=models[name], t=threshold):
+                    m.routing_threshold = t
+                    return m(infer_x)
+
+                fns[(name, threshold)] = call
+            run["routed"][name] = {**infos[(name, seed)], "sweep": sweep}
+        with torch.inference_mode(), autocast(device, dtype):
+            times = time_interleaved(fns, reps=args.reps, warmup=args.warmup, device=device)
+        base_s = statistics.median(times[("unrouted", None)])
+        run["unrouted"]["img_per_s"] = args.infer_batch / base_s
+        for name, routed in run["routed"].items():
+            for row in routed["sweep"]:
+                t = statistics.median(times[(name, row["threshold"])])
+                row.update(img_per_s=args.infer_batch / t, speedup=base_s / t)
         result["runs"].append(run)
+    result["summary"] = summarise_accuracy(result["runs"], configs)
     result["machine_end"] = {"loadavg": load()}
+    print(json.dumps(result["summary"], indent=1))
     return result
+
+
+def summarise_accuracy(runs: list[dict], configs: list) -> dict:
+    """Mean over seeds: the unrouted model's top-1 and images/s; each routed model's per threshold."""
+    def mean(values: list[float]) -> float:
+        return round(statistics.fmean(values), 4)
+
+    out = {"unrouted": {"acc1": mean([r["unrouted"]["acc1"] for r in runs]),
+                        "img_per_s": mean([r["unrouted"]["img_per_s"] for r in runs])}}
+    for name, _ in configs[1:]:
+        rows = []
+        for i, row in enumerate(runs[0]["routed"][name]["sweep"]):
+            rows.append({"threshold": row["threshold"],
+                         **{k: mean([r["routed"][name]["sweep"][i][k] for r in runs])
+                            for k in ("acc1", "work", "img_per_s", "speedup")},
+                         "delta_pt": mean([r["routed"][name]["sweep"][i]["acc1"] - r["unrouted"]["acc1"]
+                                           for r in runs])})
+        out[name] = rows
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- speed
@@ -166,20 +217,24 @@ def run_speed(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    acc = sub.add_parser("accuracy", help="digits: accuracy and TLOps with vs without routing")
-    add_device_args(acc)
-    acc.add_argument("--epochs", type=int, default=30)
-    acc.add_argument("--batch", type=int, default=64)
-    acc.add_argument("--lr", type=float, default=2e-3)
-    acc.add_argument("--img-size", type=int, default=32)
-    acc.add_argument("--patch-size", type=int, default=4)
-    acc.add_argument("--dim", type=int, default=96)
-    acc.add_argument("--depth", type=int, default=6)
-    acc.add_argument("--heads", type=int, default=3)
-    acc.add_argument("--penalties", type=float, nargs="+", default=[0.0, 0.05],
-                     help="routing_loss_weight of each routed run")
-    acc.add_argument("--seed", type=int, default=0)
-    acc.add_argument("--save-dir", default=None, help="save the routed models' weights here")
+    acc = sub.add_parser("accuracy", help="Fashion-MNIST: accuracy, TLOps and speed with vs without routing")
+    add_recipe_args(acc, epochs=4)
+    acc.set_defaults(patch_size=2, depth=4, jobs=2, workers=0, lr=2e-3, warmup_epochs=0.5)
+    acc.add_argument("--img-size", type=int, default=28, help="input size (Fashion-MNIST upscaled above 28)")
+    acc.add_argument("--dim", type=int, default=48)
+    acc.add_argument("--heads", type=int, default=2)
+    acc.add_argument("--pool", default="avg")
+    acc.add_argument("--seeds", type=int, nargs="+", default=[0])
+    acc.add_argument("--targets", type=float, nargs="+", default=[0.6], help="routing_target of each routed run")
+    acc.add_argument("--anneal", type=float, default=0.5, help="fraction of training over which the target anneals")
+    acc.add_argument("--min-fraction", type=float, default=0.25, help="per-block minimum fraction processed")
+    acc.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
+    acc.add_argument("--infer-batch", type=int, default=128)
+    acc.add_argument("--reps", type=int, default=5)
+    acc.add_argument("--warmup", type=int, default=2)
+    acc.add_argument("--limit-test-images", type=int, default=None, help="smoke runs: test images evaluated")
+    acc.add_argument("--from-weights", default=None, help="folder of --save-weights files to reuse")
+    acc.add_argument("--save-weights", default=None, help="save the trained models here (safetensors)")
     acc.add_argument("--out", default=None)
     spd = sub.add_parser("speed", help="inference throughput vs kept fraction (hard skipping)")
     add_device_args(spd)

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import cv2
 import torch
-from common import add_device_args, dtype_of, load, machine_info, make_jpegs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the benchlib package
+from benchlib.common import add_device_args, dtype_of, load, machine_info, make_jpegs
 from PIL import Image
 
 import tokenformer_vision  # noqa: F401  (registers the models with timm)

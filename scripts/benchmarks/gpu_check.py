@@ -20,6 +20,11 @@ that fails or runs out of time is recorded and the next one runs; the summary is
 5. ``model``: parameter-matched TokenFormer-B vs timm ViT-B, bf16 autocast, batch 128 and 256, eager then under
    ``torch.compile`` (compile time reported apart): inference and training throughput, peak training memory
    (``model_bf16.json``, rewritten after every row, so the rows done before a cut survive).
+6. ``fashion_mnist``: on the four Fashion-MNIST IDX files (``--fashion-mnist-root``; a GPU machine without package
+   access gets them copied into ``.fmnist/`` of the working tree), at once: ``bench_fashion_mnist.py`` (ViT vs
+   TokenFormer parity at d 64 and 128, the CPU-recipe candidates, the GPU recipe of
+   ``configs/fashion_mnist/tokenformer_gpu.yaml``; ``fashion_mnist.json``) and ``growth_experiment.py``
+   (``growth_fashion_mnist.json``), each running several trainings in parallel processes on the one GPU.
 
 ``--dry-run`` runs the same steps on the CPU at tiny sizes (tokenformer_tiny-sized models, small images, batch
 2-4, a few steps, ``torch.compile`` with the graph-capture-only ``eager`` backend) to check the script itself.
@@ -47,7 +52,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-STEPS = ("cuda_tests", "pattention", "fit", "data", "model")
+STEPS = ("cuda_tests", "pattention", "fit", "data", "model", "fashion_mnist")
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                       "t10k-labels-idx1-ubyte.gz")
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -56,7 +63,7 @@ def settings(dry: bool) -> dict[str, Any]:
     if not dry:
         return dict(
             device="cuda", budget_s=470, env={},
-            caps=dict(cuda_tests=180, pattention=90, fit=240, data=90, model=420),
+            caps=dict(cuda_tests=180, pattention=90, fit=240, data=90, model=420, fashion_mnist=520),
             pattention=["--batch", "128", "--tokens", "576", "2304", "--reps", "30", "--warmup", "5"],
             model=["--size", "base", "--batches", "128", "256", "--compile-batches", "128", "256", "--reps", "10",
                    "--warmup", "2"],
@@ -65,11 +72,18 @@ def settings(dry: bool) -> dict[str, Any]:
                      batch=128, steps=240, grow_step=120, settle=10, accelerator="gpu",
                      workers=max(1, min(14, (os.cpu_count() or 2) - 2)), log_every=10),
             data=["--images", "64", "--rounds", "3"],
+            # parity (ViT vs TokenFormer, d 64 and 128, 3 seeds), the CPU-recipe candidates and the GPU recipe,
+            # side by side with the growth study; a run is not started after deadline-s
+            fashion_mnist=dict(
+                bench=["--suites", "parity", "recipe", "gpu_recipe", "--seeds", "0", "1", "2", "--widths", "64",
+                       "128", "--epochs", "12", "--jobs", "5", "--workers", "1", "--deadline-s", "330"],
+                growth=["--seeds", "0", "1", "2", "--epochs", "16", "--jobs", "4", "--workers", "1",
+                        "--deadline-s", "330"]),
         )
     return dict(
         # one thread per process: on a small shared CPU, OpenMP spin-waiting across busy cores costs up to 20x
         device="cpu", budget_s=600, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-        caps=dict(cuda_tests=120, pattention=60, fit=120, data=60, model=150),
+        caps=dict(cuda_tests=120, pattention=60, fit=120, data=60, model=150, fashion_mnist=300),
         pattention=["--batch", "1", "--seq", "64", "--dim", "64", "--tokens", "48", "192", "--reps", "3",
                     "--warmup", "1"],
         model=["--size", "tiny", "--depth", "2", "--img-size", "32", "--batches", "2", "--compile-batches", "2",
@@ -79,6 +93,13 @@ def settings(dry: bool) -> dict[str, Any]:
                  grow={"attn_tokens": 48, "ffn_tokens": 192}, classes=4, per_class=8, unique=8, batch=4, steps=8,
                  grow_step=4, settle=1, accelerator="cpu", workers=1, log_every=1),
         data=["--images", "8", "--rounds", "1"],
+        fashion_mnist=dict(
+            bench=["--suites", "parity", "--seeds", "0", "--widths", "16", "--depth", "1", "--epochs", "1",
+                   "--jobs", "1", "--workers", "0", "--limit-train-batches", "2", "--val-size", "100",
+                   "--batch-size", "16", "--reps", "2"],
+            growth=["--seeds", "0", "--arms", "large", "grow_1/4_rewarm", "--width", "16", "--depth", "1",
+                    "--small", "2", "4", "--large", "8", "16", "--epochs", "4", "--jobs", "1", "--workers", "0",
+                    "--limit-train-batches", "2", "--val-size", "100", "--batch-size", "16"]),
     )
 
 
@@ -95,7 +116,7 @@ class Runner:
         self.deadline = self.start + budget_s
         self.status: dict[str, dict[str, Any]] = {}
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", **env,
-                        PYTHONPATH=os.pathsep.join([str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]))
+                        PYTHONPATH=os.pathsep.join([str(HERE.parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -124,6 +145,38 @@ class Runner:
         self.status[name] = dict(status=status, seconds=seconds, rc=rc, log=str(log.relative_to(self.out)))
         print(f"[gpu_check] {name}: {status} in {seconds} s", flush=True)
         return status == "ok"
+
+    def run_together(self, name: str, cmds: dict[str, list[str]], cap: float) -> bool:
+        """Run several commands at once (they share the machine), each logged apart; ok if all exit 0."""
+        timeout = min(cap, self.left() - 5)
+        if timeout < 20:
+            self.status[name] = dict(status="skipped: time budget spent", seconds=0.0, rc=None)
+            return False
+        t0, procs, files = time.monotonic(), {}, []
+        for part, cmd in cmds.items():
+            f = open(self.logs / f"{name}_{part}.log", "w")  # noqa: SIM115  (closed below)
+            f.write("$ " + " ".join(cmd) + "\n")
+            f.flush()
+            files.append(f)
+            print(f"[gpu_check] {name}/{part}: {' '.join(cmd)}", flush=True)
+            procs[part] = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+        rcs: dict[str, int | None] = {}
+        for part, proc in procs.items():
+            try:
+                rcs[part] = proc.wait(timeout=max(1.0, t0 + timeout - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                rcs[part] = None
+        for f in files:
+            f.close()
+        bad = {p: rc for p, rc in rcs.items() if rc != 0}
+        status = "ok" if not bad else "failed: " + ", ".join(f"{p} {'timed out' if rc is None else f'exit {rc}'}"
+                                                             for p, rc in bad.items())
+        seconds = round(time.monotonic() - t0, 1)
+        self.status[name] = dict(status=status, seconds=seconds, rc=None if bad else 0)
+        print(f"[gpu_check] {name}: {status} in {seconds} s", flush=True)
+        return not bad
 
     def note(self, name: str, status: str, seconds: float = 0.0) -> None:
         self.status[name] = dict(status=status, seconds=seconds, rc=None)
@@ -169,8 +222,8 @@ def junit_to_json(xml_path: Path, json_path: Path) -> dict[str, Any]:
 
 
 def _jpeg_job(job: tuple[str, int, int, int]) -> None:
-    sys.path.insert(0, str(HERE))
-    from common import make_jpeg
+    sys.path.insert(0, str(HERE.parent))
+    from benchlib.common import make_jpeg
 
     path, w, h, seed = job
     make_jpeg(Path(path), w, h, seed)
@@ -179,7 +232,7 @@ def _jpeg_job(job: tuple[str, int, int, int]) -> None:
 def make_imagefolder(root: Path, classes: int, per_class: int, unique: int) -> dict[str, Any]:
     """ImageNet layout ``root/train/<class>/*.JPEG``: ``unique`` generated photo-like JPEGs at ImageNet sizes,
     hard-linked (else copied) ``per_class`` times into each of ``classes`` class folders."""
-    from common import IMAGENET_SIZES
+    from benchlib.common import IMAGENET_SIZES
 
     t0 = time.perf_counter()
     pool_dir = root / "pool"
@@ -220,7 +273,8 @@ def fit_config(cfg: dict[str, Any], data_root: Path, fit_dir: Path, steps_json: 
             "callbacks": [
                 {"class_path": "tokenformer_vision.GrowthCallback",
                  "init_args": {"schedule": [{"step": cfg["grow_step"], **cfg["grow"]}], "rewarm_steps": 20}},
-                {"class_path": "fit_timing.StepTimer", "init_args": {"out": str(steps_json), "settle": cfg["settle"]}},
+                {"class_path": "benchlib.fit_timing.StepTimer",
+                 "init_args": {"out": str(steps_json), "settle": cfg["settle"]}},
             ],
         },
         "model": {
@@ -282,6 +336,44 @@ def step_fit(runner: Runner, cfg: dict[str, Any], work: Path) -> None:
     result["max_abs_dlogits"] = rows[0]["growth/max_abs_dlogits"] if rows else None
     result["settings"] = {k: v for k, v in cfg.items() if k != "workers"} | {"workers": cfg["workers"]}
     (runner.out / "fit.json").write_text(json.dumps(result, indent=1))
+
+
+def write_random_idx(root: Path, train: int = 600, test: int = 100, seed: int = 0) -> Path:
+    """Four small gzipped IDX files of random 28x28 images and labels 0..9 (the dry run's stand-in data)."""
+    import gzip
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", train), ("t10k", test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        header = b"".join(v.to_bytes(4, "big") for v in (0x803, n, 28, 28))
+        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(header + images.tobytes())
+        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write((0x801).to_bytes(4, "big") + n.to_bytes(4, "big") + labels.tobytes())
+    return root
+
+
+def step_fashion_mnist(runner: Runner, cfg: dict[str, Any], out: Path, work: Path, dry: bool,
+                       root: Path | None) -> None:
+    """bench_fashion_mnist.py (parity, recipes) and growth_experiment.py, at once, on the Fashion-MNIST files."""
+    if dry:
+        root = write_random_idx(work / "fashion_mnist")
+    elif root is None:
+        local = ROOT / ".fmnist"
+        root = local if all((local / f).is_file() for f in FASHION_MNIST_FILES) else \
+            Path("/usr/share/datasets/fashion-mnist")
+    py, fm = sys.executable, cfg["fashion_mnist"]
+    common = ["--device", cfg["device"], "--root", str(root)]
+    runner.run_together("fashion_mnist", {
+        "bench": [py, str(HERE / "bench_fashion_mnist.py"), *fm["bench"], *common,
+                  "--out", str(out / "fashion_mnist.json")],
+        "growth": [py, str(HERE / "growth_experiment.py"), *fm["growth"], *common,
+                   "--out", str(out / "growth_fashion_mnist.json")],
+    }, cfg["caps"]["fashion_mnist"])
 
 
 # ------------------------------------------------------------------------------------------------- summary
@@ -427,6 +519,13 @@ def summarise(out: Path, runner: Runner, dry: bool, info: dict[str, Any]) -> dic
                "| training throughput | img/s | CPU cores needed |", "|---|---|---|"]
         md += [f"| {k} | {v:.1f} | {s['data']['cores_needed'].get(k, '-')} |" for k, v in need.items()]
     md += ["", "Files: " + ", ".join(sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix == ".json"))]
+    for name, title in (("fashion_mnist", "Fashion-MNIST: TokenFormer vs ViT, CPU-recipe candidates, GPU recipe"),
+                        ("growth_fashion_mnist", "Fashion-MNIST: growth vs training from scratch")):
+        if (result := _load(out / f"{name}.json")) and result.get("markdown"):
+            s[name] = result.get("summary")
+            md += ["", f"## {title}", "", result["markdown"]]
+            if result.get("not_started"):
+                md += ["", f"Not started (time budget): {', '.join(result['not_started'])}"]
     (out / "summary.json").write_text(json.dumps(s, indent=1))
     (out / "summary.md").write_text("\n".join(md) + "\n")
     return s
@@ -440,13 +539,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=STEPS, default=None, help="run only these steps")
     parser.add_argument("--budget-s", type=float, default=None, help="overall time budget (default 470 s; dry 600)")
     parser.add_argument("--work-dir", type=Path, default=None, help="for generated data (default: a temp folder)")
+    parser.add_argument("--fashion-mnist-root", type=Path, default=None,
+                        help="folder with the four Fashion-MNIST IDX files (default: ./.fmnist if present, else "
+                             "/usr/share/datasets/fashion-mnist); the dry run writes small random ones instead")
     args = parser.parse_args(argv)
     dry = args.dry_run
     cfg = settings(dry)
     out = args.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent))
     info: dict[str, Any] = {}  # filled from the steps' JSON files (this process never initialises CUDA)
     if not dry:
         import torch
@@ -487,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
                 runner.run(step, [py, str(HERE / "bench_transforms.py"), "--only-ours", "--device", "cpu",
                                   "--dtype", "float32", *cfg["data"], "--out", str(out / "data_pipeline.json")],
                            cfg["caps"][step])
+            elif step == "fashion_mnist":
+                step_fashion_mnist(runner, cfg, out, work, dry, args.fashion_mnist_root)
             elif step == "model":
                 runner.run(step, [py, str(HERE / "bench_model.py"), *dev, *cfg["model"],
                                   "--out", str(out / "model_bf16.json")], cfg["caps"][step])

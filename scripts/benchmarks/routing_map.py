@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +23,21 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from common import add_device_args, autocast, dtype_of, resolve_device
 
-import tokenformer_vision  # noqa: F401  (registers the models)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchlib.common import add_device_args, autocast, dtype_of, resolve_device  # noqa: E402
+
+import tokenformer_vision  # noqa: E402, F401  (registers the models)
 from tokenformer_vision import TokenFormerViT
-from tokenformer_vision.checkpoint import adapt_state_dict, load_strict, read_checkpoint, select_weights
-
-
-def load_state(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Weights (safetensors / .pth / Lightning .ckpt, EMA preferred) and, for a Lightning checkpoint, its
-    hyperparameters."""
-    checkpoint = read_checkpoint(path)  # weights_only=True: never runs code from a weights file
-    return select_weights(checkpoint), dict(checkpoint.get("hyper_parameters") or {})
+from tokenformer_vision.weights import head_classes, load_weights, read_checkpoint, select_weights
 
 
 def build_model(args: argparse.Namespace) -> TokenFormerViT:
     kwargs: dict[str, Any] = json.loads(args.model_kwargs) if args.model_kwargs else {}
     model_name = args.model
-    state, hparams = load_state(args.weights) if args.weights else ({}, {})
+    # weights_only=True: never runs code from a weights file; read once, EMA weights preferred
+    checkpoint = read_checkpoint(args.weights) if args.weights else {}
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
     if hparams:  # ImageClassifier checkpoint: rebuild the same architecture
         model_name = hparams.get("model_name", model_name)
         kwargs = {**(hparams.get("model_kwargs") or {}), **kwargs}
@@ -47,14 +45,13 @@ def build_model(args: argparse.Namespace) -> TokenFormerViT:
             kwargs.setdefault("img_size", hparams["img_size"])
     num_classes = args.num_classes
     if num_classes is None:
-        head = {k: v for k, v in state.items() if k.endswith(("head.weight", "head.value_param"))}
-        num_classes = next((v.shape[0] if k.endswith("weight") else v.shape[1] for k, v in head.items()), 10)
+        num_classes = head_classes(select_weights(checkpoint)) if checkpoint else 10
     kwargs.update(token_routing=True, num_classes=num_classes)
     model = timm.create_model(model_name, **kwargs)
     if not isinstance(model, TokenFormerViT):
         raise ValueError(f"{model_name} is not a TokenFormer model")
-    if state:  # a model trained without token_routing has no routers: a clear error names the missing keys
-        load_strict(model, adapt_state_dict(model, state), args.weights)
+    if checkpoint:  # a model trained without token_routing has no routers: a clear error names the missing keys
+        load_weights(model, checkpoint, grow=True, name=args.weights)
     model.routing_threshold = args.threshold
     return model.eval()
 

@@ -73,6 +73,28 @@ def plot(series: dict[str, list[tuple[float, float]]], out: Path, title: str) ->
     plt.close(fig)
 
 
+def summary(series: dict[str, list[tuple[float, float]]], window: int = 5) -> list[str]:
+    """Lines that say what the plot shows: the best and last validation accuracy and, for every growth event, the
+    accuracy at the validations just before and after it, the lowest accuracy over the ``window`` validations after
+    it, and the largest drop between two consecutive validations among the ``window`` before it (the epoch-to-epoch
+    noise that a change after the growth is to be compared with)."""
+    acc = series.get("val/acc1", [])
+    if not acc:
+        return []
+    best = max(acc, key=lambda point: point[1])
+    lines = [f"val/acc1: best {best[1]:.4f} (step {best[0]:.0f}), last {acc[-1][1]:.4f}"]
+    for _, step in series.get("growth/step", []):
+        before = [a for s, a in acc if s < step][-window - 1:]
+        after = [a for s, a in acc if s >= step][:window]
+        if before and after:
+            noise = max((max(0.0, a - b) for a, b in zip(before[:-1], before[1:], strict=True)), default=0.0)
+            lines.append(f"growth at step {step:.0f}: val/acc1 {before[-1]:.4f} just before, {after[0]:.4f} just "
+                         f"after, lowest {min(after):.4f} over the next {len(after)} validations (change "
+                         f"{min(after) - before[-1]:+.4f}); largest drop between consecutive validations over the "
+                         f"{len(before) - 1} before it: {noise:.4f}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("metrics", type=Path, help="a CSVLogger metrics.csv")
@@ -84,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = args.out or args.metrics.with_name("metrics.png")
     acc = series.get("val/acc1")
-    title = f"{args.metrics.parent.name}: final val/acc1 {acc[-1][1]:.4f}" if acc else args.metrics.parent.name
+    title = (f"{args.metrics.parent.name}: val/acc1 best {max(a for _, a in acc):.4f}, last {acc[-1][1]:.4f}"
+             if acc else args.metrics.parent.name)
     plot(series, out, title)
+    for line in summary(series):
+        print(line)
     print(f"wrote {out}")
     return 0
 

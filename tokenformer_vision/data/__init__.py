@@ -1,4 +1,5 @@
-"""Data side of training: albumentations transforms, ImageNet-layout image folders and the embedded digits data.
+"""Data side of training: albumentations transforms, ImageNet-layout image folders, MNIST-format (IDX) files such as
+Fashion-MNIST, and the embedded digits data.
 
 ```python
 from tokenformer_vision.data import ImageFolderDataModule, DigitsDataModule, build_transforms
@@ -8,10 +9,11 @@ dm.set_epoch(3)                         # train batches of epoch 3: a function o
 ```
 """
 
-from . import datamodule, digits, folder, transforms
+from . import datamodule, digits, folder, idx, transforms
 from .datamodule import *  # noqa: F403
 from .digits import *  # noqa: F403
 from .folder import *  # noqa: F403
+from .idx import *  # noqa: F403
 from .transforms import *  # noqa: F403
 
-__all__ = sorted(datamodule.__all__ + digits.__all__ + folder.__all__ + transforms.__all__)
+__all__ = sorted(datamodule.__all__ + digits.__all__ + folder.__all__ + idx.__all__ + transforms.__all__)

@@ -3,7 +3,8 @@
 Batches: train/val/test ``(images float32 [B, 3, H, W], targets int64 [B])``; predict ``(images, targets,
 indices)``, ``targets = -1`` where unknown, ``indices`` into :meth:`predict_names`. Unreadable images are dropped
 from their batch; a batch of only unreadable images is ``None`` (the training loop skips it; eval/predict steps
-return ``None`` for it). Training batches depend on ``(seed, epoch)`` alone (:class:`EpochSampler`).
+return ``None`` for it). Training batches depend on ``(seed, epoch)`` alone (:class:`EpochSampler`), and the train
+DataLoader (:class:`ResumableDataLoader`) is saved in Lightning checkpoints: a fit resumes at the next batch.
 """
 
 from __future__ import annotations
@@ -84,14 +85,87 @@ class EpochSampler(DistributedSampler):
                  shuffle: bool = True) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.epoch = epoch
+        self.start = 0  # samples of this rank's share that the next iteration skips (set by ResumableDataLoader)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        start, self.start = self.start, 0  # one iteration only: the next epoch starts at its beginning
         n = len(self.dataset)
         rng = np.random.default_rng(derive_seed(self.seed, self.epoch))
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         aug_seeds = rng.integers(0, 2**63, size=n, dtype=np.int64)
         order = np.resize(order, self.total_size)[self.rank:self.total_size:self.num_replicas]  # pads by wrapping
+        order = order[start:]
         return zip(order.tolist(), aug_seeds[order].tolist(), strict=True)
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that Lightning checkpoints and resumes, because it has ``state_dict``/``load_state_dict``:
+    the state is the sampler's epoch and the batches of that epoch handed out so far, so that a fit resumed from a
+    mid-epoch checkpoint continues with the next batch and one resumed from an end-of-epoch checkpoint starts the
+    next epoch (Lightning sets it on the sampler), with any number of workers.
+
+    An iteration starts at its first ``next()``, not at ``iter()``: Lightning calls ``iter()`` before it sets the
+    epoch on the sampler, and worker processes draw the sampler's indices (and are seeded) as soon as the iterator
+    exists, which made a resumed run replay the checkpoint's epoch. Batches are skipped through the sampler's
+    ``start`` (:class:`EpochSampler`) without loading them, or else fetched and dropped."""
+
+    _resume: tuple[int, int] | None = None  # (epoch, batches) restored by load_state_dict, used by the next iteration
+    _progress: list[int] | None = None  # [epoch, batches handed out] of the latest iteration
+
+    def _sampler_epoch(self) -> int:
+        return int(getattr(self.sampler, "epoch", 0))
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches"}``: the epoch of the latest iteration and the batches it has handed out."""
+        epoch, batches = self._resume or self._progress or (self._sampler_epoch(), 0)
+        return {"epoch": int(epoch), "batches": int(batches)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Make the next iteration continue ``state_dict``'s epoch after its ``batches``, unless the sampler's epoch
+        is changed before it starts (Lightning does so when the checkpoint's epoch was complete)."""
+        epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
+        if batches < 0:
+            raise ValueError(f"ResumableDataLoader: a negative batch count in the state: {state_dict}")
+        if callable(getattr(self.sampler, "set_epoch", None)):
+            self.sampler.set_epoch(epoch)
+        self._resume = (epoch, batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        return _LazyIterator(self)
+
+    def _start(self) -> Iterator[Any]:
+        """The underlying iterator of the current sampler epoch, past the batches to resume after."""
+        epoch, skip = self._sampler_epoch(), 0
+        if self._resume is not None:
+            if self._resume[0] == epoch:
+                skip = self._resume[1]
+            self._resume = None
+        self._progress = [epoch, skip]
+        by_sampler = skip and self.batch_size is not None and hasattr(self.sampler, "start")
+        if by_sampler:
+            self.sampler.start = skip * self.batch_size
+        iterator = super().__iter__()
+        for _ in range(0 if by_sampler else skip):
+            next(iterator, None)
+        return iterator
+
+
+class _LazyIterator(Iterator[Any]):
+    """Starts the loader's iteration at the first ``next()`` and counts the batches it hands out."""
+
+    def __init__(self, loader: ResumableDataLoader) -> None:
+        self.loader, self.iterator, self.progress = loader, None, [0, 0]
+
+    def __next__(self) -> Any:
+        if self.iterator is None:
+            self.iterator = self.loader._start()
+            self.progress = self.loader._progress  # shared: the loader's state_dict reads it
+        batch = next(self.iterator)
+        self.progress[1] += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 def seed_worker(worker_id: int, rank: int = 0, sampler: Any = None) -> None:
@@ -197,6 +271,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self._datasets: dict[str, Dataset] = {}
         self._epoch = 0
         self._sampler: EpochSampler | None = None  # of the latest train DataLoader
+        self._train_loader: ResumableDataLoader | None = None  # the latest train DataLoader
+        self._resume_batches = 0  # batches of `epoch` done before the checkpoint, for the next train DataLoader
 
     @property
     def num_classes(self) -> int:
@@ -224,8 +300,15 @@ class ImageClassificationDataModule(L.LightningDataModule):
             self._sampler.set_epoch(self._epoch)
 
     def state_dict(self) -> dict[str, int]:
-        """Saved in Lightning checkpoints: ``seed``, ``epoch`` and ``skipped_images`` (plain ints)."""
-        return {"seed": self.seed, "epoch": self.epoch, "skipped_images": self.skipped_images}
+        """Saved in Lightning checkpoints: ``seed``, ``epoch`` and ``skipped_images`` (plain ints), plus ``batches``
+        when the train DataLoader is inside ``epoch``: the batches it has handed out."""
+        state = {"seed": self.seed, "epoch": self.epoch, "skipped_images": self.skipped_images}
+        batches = self._resume_batches
+        if self._train_loader is not None:
+            loader = self._train_loader.state_dict()
+            batches = loader["batches"] if loader["epoch"] == state["epoch"] else 0
+            batches = batches if batches < len(self._train_loader) else 0  # a complete epoch: nothing to resume
+        return {**state, "batches": batches} if batches else state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (Lightning does it before building the train DataLoader when resuming). The
@@ -238,6 +321,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if self._sampler is not None:
             self._sampler.seed = seed
         self.set_epoch(state_dict.get("epoch", self.epoch))
+        # Lightning restores the train DataLoader's own state only if it builds the loader after the checkpoint's
+        # loops, but `trainer.estimated_stepping_batches` in configure_optimizers builds it before: keep it here too
+        self._resume_batches = int(state_dict.get("batches", 0))
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict({"epoch": self.epoch, "batches": self._resume_batches})
         # validate/test/predict from a training checkpoint count their own skips from zero
         if self.trainer is None or self.trainer.state.fn == "fit":
             self._skip_counter.reset(int(state_dict.get("skipped_images", self.skipped_images)))
@@ -275,7 +363,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if train:  # a DistributedSampler already: Lightning keeps it under DDP instead of wrapping it
             self._sampler = EpochSampler(dataset, self.seed, self.epoch, world_size, rank)
         sampler = self._sampler if train else None
-        return DataLoader(
+        loader = (ResumableDataLoader if train else DataLoader)(
             dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last, num_workers=self.num_workers,
             collate_fn=collate_skip_none,
             pin_memory=self.pin_memory and torch.cuda.is_available(),  # pinning without CUDA only warns
@@ -283,6 +371,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
             worker_init_fn=functools.partial(seed_worker, rank=rank, sampler=sampler) if self.num_workers else None,
             # every DataLoader iteration draws a base seed: from its own generator, not the global torch RNG
             generator=torch.Generator().manual_seed(derive_seed(self.seed, rank)))
+        if train:
+            self._train_loader = loader
+            if self._resume_batches:  # the loader now holds the position (its state_dict reports it until used)
+                loader.load_state_dict({"epoch": self.epoch, "batches": self._resume_batches})
+                self._resume_batches = 0
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

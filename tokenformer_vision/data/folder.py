@@ -138,12 +138,13 @@ class ImageFileDataset(Dataset):
 
 
 class ArrayDataset(ImageFileDataset):
-    """In-memory RGB ``uint8 [N, H, W, 3]`` images with integer targets (``samples``: ``(index, target)``)."""
+    """In-memory ``uint8 [N, H, W, C]`` images (C = 3, RGB, or 1, grayscale) with integer targets (``samples``:
+    ``(index, target)``)."""
 
     def __init__(self, images: np.ndarray, targets: Sequence[int], transform: Callable | None = None,
                  return_index: bool = False) -> None:
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+        if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 [N, H, W, 3 or 1], got {images.dtype} {images.shape}")
         if len(images) != len(targets):
             raise ValueError(f"{len(images)} images but {len(targets)} targets")
         super().__init__(enumerate(np.asarray(targets, dtype=np.int64)), transform, return_index)

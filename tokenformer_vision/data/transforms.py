@@ -119,13 +119,15 @@ def build_transforms(
     interpolation: str = "bicubic", hflip: float = 0.5, rand_augment: bool = True, ra_num_ops: int = 2,
     ra_magnitude: float = 9.0, random_erasing: float = 0.0, scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3), affine: float = 0.0, fill: int | Sequence[int] | None = None,
-    seed: int = 0,
+    seed: int = 0, crop_padding: int = 0,
 ) -> A.Compose:
-    """Train or eval pipeline: RGB ``uint8 [H, W, 3]`` numpy -> normalised ``float32 [3, h, w]`` tensor.
+    """Train or eval pipeline: ``uint8 [H, W, C]`` numpy -> normalised ``float32 [C, h, w]`` tensor, ``C =
+    len(mean)`` (3 for RGB, 1 for grayscale).
 
-    Train: ``RandomResizedCrop(scale, ratio)`` -> flip (``hflip``) -> mild affine (``affine``: ±10° rotation, ±8%
-    shift, 0.9-1.1 zoom, ±8° shear, for data like digits where flips and strong policies hurt) -> RandAugment ->
-    random erasing with per-pixel noise (``random_erasing``) -> normalise. Eval (like timm): resize the shorter side
+    Train: ``RandomResizedCrop(scale, ratio)`` (or, with ``crop_padding`` p > 0, the CIFAR-style pad by p on every
+    side and random crop of ``img_size``, for small images already at the model's size) -> flip (``hflip``) -> mild
+    affine (``affine``: ±10° rotation, ±8% shift, 0.9-1.1 zoom, ±8° shear, for data like digits where flips and
+    strong policies hurt) -> RandAugment -> random erasing with per-pixel noise (``random_erasing``) -> normalise. Eval (like timm): resize the shorter side
     (non-square sizes: each side) to ``floor(size / crop_pct)`` -> centre crop -> normalise. Downscaling is area
     interpolation (close to PIL's). ``fill``: colour of uncovered areas (default: mean, as timm); ``seed``: of the
     random stream (:func:`reseed_transform`).
@@ -134,8 +136,10 @@ def build_transforms(
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if crop_pct <= 0:
         raise ValueError(f"crop_pct must be > 0, got {crop_pct}")
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"mean and std need 3 values (std > 0), got mean={mean} std={std}")
+    if len(mean) not in (1, 3) or len(std) != len(mean) or min(std) <= 0:
+        raise ValueError(f"mean and std need 1 or 3 values each (std > 0), got mean={mean} std={std}")
+    if crop_padding < 0:
+        raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
     for name, prob in (("hflip", hflip), ("random_erasing", random_erasing), ("affine", affine)):
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"{name} is a probability in [0, 1], got {prob}")
@@ -143,10 +147,13 @@ def build_transforms(
         raise ValueError(f"scale must be (min, max) with 0 < min <= max <= 1, got {scale}")
     interp = interpolation_flag(interpolation)
     fill = tuple(round(255 * m) for m in mean) if fill is None else fill
-    fill = (int(fill),) * 3 if isinstance(fill, (int, float)) else tuple(int(f) for f in fill)
+    fill = (int(fill),) * len(mean) if isinstance(fill, (int, float)) else tuple(int(f) for f in fill)
     resample = dict(interpolation=interp, area_for_downscale="image")
     if train:
-        ops = [A.RandomResizedCrop(size=(h, w), scale=tuple(scale), ratio=tuple(ratio), **resample),
+        crop = ([A.PadIfNeeded(h + 2 * crop_padding, w + 2 * crop_padding, border_mode=cv2.BORDER_CONSTANT, fill=fill),
+                 A.RandomCrop(h, w)] if crop_padding
+                else [A.RandomResizedCrop(size=(h, w), scale=tuple(scale), ratio=tuple(ratio), **resample)])
+        ops = [*crop,
                A.HorizontalFlip(p=hflip) if hflip > 0 else None,
                A.Affine(rotate=(-10, 10), translate_percent=(-0.08, 0.08), scale=(0.9, 1.1), shear=(-8, 8),
                         interpolation=interp, border_mode=cv2.BORDER_CONSTANT, fill=fill, p=affine)

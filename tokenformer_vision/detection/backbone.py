@@ -12,7 +12,7 @@ import timm
 import torch
 from torch import nn
 
-from ..checkpoint import adapt_state_dict, load_strict, load_weights
+from ..weights import load_weights
 from .pyramid import SimpleFeaturePyramid, TopBlock
 
 __all__ = ["ViTDetBackbone", "create_backbone", "freeze_trunk", "load_backbone_weights"]
@@ -61,19 +61,11 @@ class ViTDetBackbone(nn.Module):
 
 
 def load_backbone_weights(trunk: nn.Module, weights: Weights) -> None:
-    """Load classifier weights (a file :func:`~tokenformer_vision.checkpoint.load_weights` reads, EMA weights if
-    kept, or a state dict) into a detection trunk, in place, without the head. A TokenFormer trunk grows to the saved
-    token counts, the position embedding is resampled; another model's weights raise a ValueError naming the difference.
-    """
-    source = "the given state dict" if isinstance(weights, Mapping) else str(weights)
-    state = dict(weights) if isinstance(weights, Mapping) else load_weights(weights)
-    if not any(k.startswith("blocks.") for k in state):
-        raise ValueError(f"{source} holds no transformer blocks ('blocks.N.*' keys): not weights of a ViT trunk")
-    classifier = (getattr(trunk, "pretrained_cfg", None) or {}).get("classifier", "head")
-    heads = tuple(f"{h}." for h in ((classifier,) if isinstance(classifier, str) else classifier))
-    state = adapt_state_dict(trunk, {k: v for k, v in state.items() if not k.startswith(heads)})
-    own_head = {k: v for k, v in trunk.state_dict().items() if k.startswith(heads)}  # after any growth
-    load_strict(trunk, {**state, **own_head}, source)
+    """Load classifier weights (any source :func:`~tokenformer_vision.weights.load_weights` takes: a ``.ckpt``,
+    ``.pth``, ``.safetensors``, an export folder or a state dict; EMA weights if kept) into a detection trunk, in
+    place, without the head. A TokenFormer trunk grows to the saved token counts and the position embedding is
+    resampled; another model's weights raise a ValueError naming the difference."""
+    load_weights(trunk, weights, head="drop", grow=True)
 
 
 def freeze_trunk(trunk: nn.Module, trainable_layers: int | None) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from tokenformer_vision.checkpointing import (
+from tokenformer_vision.durable_checkpoints import (
     AtomicCheckpointIO,
     LastAndBestCheckpoint,
     check_writable,
@@ -162,6 +162,40 @@ def test_disk_full_keeps_previous_checkpoints(tmp_path, disk_full_at, io_plugin,
     assert best in files  # a failed best write keeps the previous best, which is deleted only after success
     if lost != "last.ckpt":
         assert lost not in files
+
+
+def full_disk_after(monkeypatch, limit: int) -> None:
+    """Files opened with ``os.fdopen`` (the atomic writer's) take ``limit`` bytes, then fail with ENOSPC: torch's
+    zip writer then raises a RuntimeError ("unexpected pos") whose context is the OSError, as on a real full disk."""
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        if "w" not in mode:
+            return f
+        write, written = f.write, [0]
+
+        def limited(data):
+            written[0] += len(data)
+            if written[0] > limit:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return write(data)
+
+        f.write = limited
+        return f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+def test_full_disk_inside_torch_save_is_reported_as_enospc(tmp_path, monkeypatch):
+    ckpts = tmp_path / "ckpts"
+    full_disk_after(monkeypatch, 600)
+    trainer = _trainer(tmp_path, [_checkpoint(ckpts)], max_epochs=1)
+    with pytest.raises(OSError, match=r"could not write checkpoint .*No space left on device.*free space") as info:
+        trainer.fit(Tiny([1.0]), *_loaders())
+    assert info.value.errno == errno.ENOSPC
+    assert "unexpected pos" not in str(info.value)
+    assert not [f for f in os.listdir(ckpts) if f.endswith(".tmp")]
 
 
 def test_atomic_io_error_on_read_only_folder(tmp_path, monkeypatch):
@@ -410,3 +444,23 @@ def test_resume_restores_best_for_same_folder_by_real_path(tmp_path, monkeypatch
     assert os.path.basename(again.best_model_path) == "best-epoch=0-step=5.ckpt"
     assert _files(ckpts) == ["best-epoch=0-step=5.ckpt", "last.ckpt"]  # last.ckpt overwritten, no last-v1
     assert _load(ckpts / "last.ckpt")["epoch"] == 2
+
+
+def test_top_k_keeps_the_k_best_files(tmp_path):
+    ckpts = tmp_path / "ckpts"
+    cb = _checkpoint(ckpts, save_top_k=2)
+    _trainer(tmp_path, [cb], max_epochs=4).fit(Tiny([1.0, 3.0, 2.0, 0.5]), *_loaders())
+    assert _files(ckpts) == ["best-epoch=1-step=10.ckpt", "best-epoch=2-step=15.ckpt", "last.ckpt"]
+    assert float(cb.best_model_score) == 3.0 and float(cb.kth_value) == 2.0
+    assert os.path.basename(cb.kth_best_model_path) == "best-epoch=2-step=15.ckpt"
+    assert _load(ckpts / "last.ckpt")["epoch"] == 3
+
+
+def test_without_a_monitor_the_newest_state_is_kept(tmp_path):
+    ckpts = tmp_path / "ckpts"
+    cb = LastAndBestCheckpoint(dirpath=ckpts, save_last=True, filename="{epoch}-{step}")
+    _trainer(tmp_path, [cb], max_epochs=3).fit(Tiny([1.0, 2.0, 3.0]), *_loaders())
+    assert _files(ckpts) == ["epoch=2-step=15.ckpt", "last.ckpt"]
+    assert cb.best_model_path == str(ckpts / "epoch=2-step=15.ckpt")
+    with pytest.raises(ValueError, match="save_last='link' is not supported"):
+        LastAndBestCheckpoint(dirpath=ckpts, save_last="link")

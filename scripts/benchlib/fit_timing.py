@@ -1,8 +1,8 @@
 """A Lightning callback that times every training step and writes the figures as JSON: add it to a
-``tokenformer-vision fit`` run with this folder on ``PYTHONPATH``::
+``tokenformer-vision fit`` run with ``scripts/`` on ``PYTHONPATH``::
 
-    PYTHONPATH=scripts/benchmarks tokenformer-vision fit --config ... \\
-        --trainer.callbacks+=fit_timing.StepTimer --trainer.callbacks.out=step_times.json
+    PYTHONPATH=scripts tokenformer-vision fit --config ... \\
+        --trainer.callbacks+=benchlib.fit_timing.StepTimer --trainer.callbacks.out=step_times.json
 
 Per step it records the compute time (``on_train_batch_start`` -> ``on_train_batch_end``, synchronised on CUDA),
 the wait before it (data loading and everything else between two steps) and the parameter count, so that a

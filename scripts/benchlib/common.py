@@ -1,8 +1,8 @@
 """Shared benchmark harness: device/dtype arguments, synchronised interleaved timing, peak memory, machine info.
 
-Every script in this folder imports it as ``common`` (Python puts a script's own folder first on ``sys.path``)::
+Scripts import it from the ``benchlib`` package (``scripts/`` on ``sys.path``)::
 
-    from common import add_device_args, autocast, machine_info, resolve_device, time_interleaved
+    from benchlib.common import add_device_args, autocast, machine_info, resolve_device, time_interleaved
 
 - ``--device cpu|cuda`` (default: cuda when available) and ``--dtype float32|bfloat16|float16`` (default float32;
   bf16/fp16 run the model under ``torch.autocast``, see :func:`autocast`), ``--threads``.

@@ -6,10 +6,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import inspect
 import os
+import time
 import uuid
 import warnings
+from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -18,9 +22,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .checkpoint import read_checkpoint
+from .weights import read_checkpoint
 
 __all__ = ["AtomicCheckpointIO", "LastAndBestCheckpoint", "check_writable", "load_checkpoint_or_none",
            "resolve_checkpoint", "with_atomic_checkpoint_io"]
@@ -59,9 +63,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, local)
-        except OSError as err:
-            message = f"could not write checkpoint {local} ({err.strerror or err}); an earlier file there is unchanged"
-            raise OSError(err.errno or errno.EIO, message) from err
+        except (OSError, RuntimeError) as err:
+            # torch's zip writer reports a failed write (a full disk) as "unexpected pos ...": the OSError is its cause
+            cause = next((e for e in _chain(err) if isinstance(e, OSError)), None)
+            if cause is None:
+                raise
+            message = (f"could not write checkpoint {local} ({cause.strerror or cause}); an earlier file there is "
+                       "unchanged" + ("; free space on that disk or choose another --checkpoint.dirpath"
+                                      if cause.errno == errno.ENOSPC else ""))
+            raise OSError(cause.errno or errno.EIO, message) from None
         finally:
             if tmp is not None:  # left only by a failure
                 with contextlib.suppress(OSError):
@@ -72,6 +82,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from or while handling."""
+    seen: list[BaseException] = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return seen
 
 
 def with_atomic_checkpoint_io(plugins: Any = None) -> list[Any]:
@@ -153,20 +172,30 @@ class LastAndBestCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose ``last.ckpt`` is the latest state and whose best files hold what their score says:
 
     * ``setup`` fails before any step when the checkpoint or log folder cannot be written (:func:`check_writable`).
-    * ``last.ckpt`` is rewritten after every validation (every epoch without one); Lightning 2.6 does so only with a
-      top-k save in the same step, so with ``save_top_k=1`` "last" went back to the best epoch.
+    * ``last.ckpt`` is rewritten after every validation (every epoch without one), not only with a top-k save.
     * With a ``monitor``, only validated states (the score was measured on those weights) are top-k candidates:
       step/time-triggered saves just refresh ``last.ckpt``. Nor is a state with non-finite weights (a warning).
     * On resume, best score and top-k are restored when the saved folder is this one by real path.
 
-    ModelCheckpoint has no public API to save top-k or last on demand, hence its private members of Lightning 2.5-2.6
-    (every ``self._*`` used here but ``_in_step_save`` and ``_evaluated_step``).
+    It takes ModelCheckpoint's arguments (``save_last="link"`` excepted) and keeps its public state
+    (``best_model_path``, ``best_k_models``, ``last_model_path``, ...), but decides and writes its files itself,
+    through ``trainer.save_checkpoint`` and the documented members of ModelCheckpoint only.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._in_step_save = False
+        if self.save_last == "link":
+            raise ValueError("LastAndBestCheckpoint: save_last='link' is not supported; use save_last=True")
+        given = inspect.signature(ModelCheckpoint.__init__).bind(self, *args, **kwargs)
+        given.apply_defaults()  # the trigger settings, as passed (ModelCheckpoint keeps no public copy)
+        self._steps_trigger = int(given.arguments.get("every_n_train_steps") or 0)
+        self._time_trigger = given.arguments.get("train_time_interval")
+        self._on_train_epoch_end = given.arguments.get("save_on_train_epoch_end")
+        self._version_counter = bool(given.arguments.get("enable_version_counter", True))
+        self._saved_step, self._saved_path = 0, ""  # the latest file this callback wrote, and its step
         self._evaluated_step = 0  # global step of the last end-of-validation save decision; 0: nothing trained yet
+        self._last_time: float | None = None
+        self._fitting = True
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -186,57 +215,183 @@ class LastAndBestCheckpoint(ModelCheckpoint):
         if error is not None or problem is not None:
             raise error or OSError(*problem)
 
+    # ------------------------------------------------------------------------------------------- when to save
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_time = time.monotonic()
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._in_step_save = True  # step/time-triggered saves: a monitored score is from an earlier validation
-        try:
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        finally:
-            self._in_step_save = False
+        if self._skip(trainer) or trainer.global_step == self._saved_step:
+            return
+        due = self._steps_trigger >= 1 and trainer.global_step % self._steps_trigger == 0
+        if self._time_trigger is not None and not due:
+            now = time.monotonic()
+            # rank 0's clock decides, so that every rank joins the same collective save
+            due = bool(trainer.strategy.broadcast(now - (self._last_time or now) >= self._time_trigger.total_seconds()))
+            if due:
+                self._last_time = now
+        if not due:
+            return
+        candidates = self._candidates(trainer)
+        if self.monitor is None:  # no score to trust or distrust: a step save is a top-k candidate as usual
+            self._save_topk(trainer, candidates)
+        self._save_last(trainer, candidates)  # with a monitor, the score is from an earlier validation
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._should_save_on_train_epoch_end(trainer):
+        if self._saves_at_train_epoch_end(trainer):
             self._save_evaluated(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._should_save_on_train_epoch_end(trainer):
+        if not self._saves_at_train_epoch_end(trainer):
             self._save_evaluated(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.save_last and not self._saved_path and not trainer.fast_dev_run:
+            self._save_last(trainer, self._candidates(trainer))
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if (getattr(self, "save_on_exception", False) and not trainer.fast_dev_run and not trainer.sanity_checking
+                and self._saved_step != trainer.global_step):
+            candidates = self._candidates(trainer)
+            self._write(trainer, self.format_checkpoint_name(candidates))
+            self._save_last(trainer, candidates)
+
+    def _skip(self, trainer: Trainer) -> bool:
+        return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
+
+    def _saves_at_train_epoch_end(self, trainer: Trainer) -> bool:
+        """ModelCheckpoint's rule: at the end of the training epoch when validation runs once at its end (or not at
+        all), else at the end of validation."""
+        if self._on_train_epoch_end is not None:
+            return bool(self._on_train_epoch_end)
+        if trainer.check_val_every_n_epoch != 1:
+            return False
+        batches = trainer.num_val_batches
+        if (sum(batches) if isinstance(batches, list) else batches) == 0:
+            return True
+        return trainer.val_check_interval == 1.0
 
     def _save_evaluated(self, trainer: Trainer) -> None:
         """Top-k (when due) and ``last`` for the state that was just evaluated."""
         step = trainer.global_step
-        if (trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
-                or step == self._evaluated_step):
+        if self._skip(trainer) or step == self._evaluated_step:
             return
         self._evaluated_step = step
-        self._defer_save_until_validation = False  # Lightning's deferred step save is covered here
-        candidates = self._monitor_candidates(trainer)
+        candidates = self._candidates(trainer)
+        n = self.every_n_epochs or 0
         # without every_n_epochs (step/time-triggered), evaluated states are the only ones whose score is known
-        if ((trainer.current_epoch + 1) % self._every_n_epochs == 0 if self._every_n_epochs >= 1
-                else self.monitor is not None):
-            self._save_topk_checkpoint(trainer, candidates)
+        if (trainer.current_epoch + 1) % n == 0 if n >= 1 else self.monitor is not None:
+            self._save_topk(trainer, candidates)
         # Rewrite last unless it was the most recent file written in this step: after a new best file it must
         # name that file (resolve_checkpoint("best") reads it), and it must hold the weights validated here.
-        if self.save_last and not (self._last_global_step_saved == step
-                                   and self._last_checkpoint_saved == self.last_model_path):
-            self._save_last_checkpoint(trainer, candidates)
+        if self.save_last and not (self._saved_step == step and self._saved_path == self.last_model_path):
+            self._save_last(trainer, candidates)
 
-    def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
-        # the one place where every top-k save passes
-        if self.save_top_k == 0 or (self._in_step_save and self.monitor is not None):
-            return  # step saves: the weights trained on after the score was measured; last.ckpt is still refreshed
+    # -------------------------------------------------------------------------------------------- what to save
+    def _candidates(self, trainer: Trainer) -> dict[str, torch.Tensor]:
+        """The logged metrics plus ``epoch`` and ``step``, for the file names and the monitored score."""
+        metrics = dict(trainer.callback_metrics)
+        for key, value in (("epoch", trainer.current_epoch), ("step", trainer.global_step)):
+            metrics[key] = metrics[key].int() if isinstance(metrics.get(key), torch.Tensor) else torch.tensor(value)
+        return metrics
+
+    def _finite(self, trainer: Trainer) -> bool:
         m = trainer.lightning_module  # one device sync for the whole model rather than one per tensor
         finite = bool(torch.stack([torch.isfinite(t).all() for t in (*m.parameters(), *m.buffers())
                                    if t.is_floating_point()] or [torch.tensor(True)]).all())
         # sharded strategies: each rank checks its shard, and all must agree before a collective save
-        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
-            rank_zero_warn(f"ModelCheckpoint: the model has non-finite weights at epoch {trainer.current_epoch}, step "
-                           f"{trainer.global_step}; not saved as top-k (best stays {self.best_model_path or 'unset'})")
+        return trainer.strategy.reduce_boolean_decision(finite, all=True)
+
+    def _save_topk(self, trainer: Trainer, candidates: dict[str, torch.Tensor]) -> None:
+        if self.save_top_k == 0:
             return
-        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        if not self._finite(trainer):
+            rank_zero_warn(f"LastAndBestCheckpoint: the model has non-finite weights at epoch {trainer.current_epoch}"
+                           f", step {trainer.global_step}; not saved as top-k (best stays "
+                           f"{self.best_model_path or 'unset'})")
+            return
+        if self.monitor is None:  # the newest state is "best"; save_top_k=1 keeps one such file
+            path = self._free_name(trainer, candidates, keep=self.best_model_path)
+            previous, self.best_model_path = self.best_model_path, path
+            self._write(trainer, path)
+            if self.save_top_k == 1 and previous and self._removable(trainer, previous, path):
+                trainer.strategy.remove_checkpoint(previous)
+            return
+        current = candidates.get(self.monitor)
+        if current is None:
+            rank_zero_warn(f"LastAndBestCheckpoint(monitor={self.monitor!r}): no such metric was logged (logged: "
+                           f"{sorted(candidates)}); no best file saved at step {trainer.global_step}")
+            return
+        if not self.check_monitor_top_k(trainer, current):
+            if self.verbose:
+                rank_zero_info(f"step {trainer.global_step}: {self.monitor!r} was not in top {self.save_top_k}")
+            return
+        k = len(self.best_k_models) + 1 if self.save_top_k == -1 else self.save_top_k
+        dropped = None
+        if len(self.best_k_models) == k:
+            dropped = self.kth_best_model_path
+            self.best_k_models.pop(dropped)
+        if torch.isnan(current):  # never best
+            current = torch.tensor(float("inf" if self.mode == "min" else "-inf"), device=current.device)
+        path = self._free_name(trainer, candidates, keep=dropped)
+        self.current_score = current
+        self.best_k_models[path] = current
+        worst, best = (max, min) if self.mode == "min" else (min, max)
+        if len(self.best_k_models) == k:
+            self.kth_best_model_path = worst(self.best_k_models, key=self.best_k_models.get)
+            self.kth_value = self.best_k_models[self.kth_best_model_path]
+        self.best_model_path = best(self.best_k_models, key=self.best_k_models.get)
+        self.best_model_score = self.best_k_models[self.best_model_path]
+        if self.verbose:
+            rank_zero_info(f"step {trainer.global_step}: {self.monitor!r} reached {float(current):0.5f} (best "
+                           f"{float(self.best_model_score):0.5f}), saving {path!r} as top {k}")
+        self._write(trainer, path)  # the file it replaces goes only after this succeeded
+        if dropped and self._removable(trainer, dropped, path):
+            trainer.strategy.remove_checkpoint(dropped)
+
+    def _save_last(self, trainer: Trainer, candidates: dict[str, torch.Tensor]) -> None:
+        if not self.save_last:
+            return
+        path = self._free_name(trainer, candidates, self.CHECKPOINT_NAME_LAST, keep=self.last_model_path)
+        previous, self.last_model_path = self.last_model_path, path  # set first: it is part of the saved state
+        self._write(trainer, path)
+        if previous and self._removable(trainer, previous, path):
+            trainer.strategy.remove_checkpoint(previous)
+
+    def _free_name(self, trainer: Trainer, candidates: dict[str, torch.Tensor], filename: str | None = None,
+                   keep: str | None = None) -> str:
+        """The file name for ``candidates``, with a ``-vN`` suffix while another file has it (``keep``: the file
+        this save replaces may be overwritten)."""
+        path = self.format_checkpoint_name(candidates, filename)
+        version = self.STARTING_VERSION
+        same = lambda a, b: a == b or (b is not None and _local_path(a) is not None and _local_path(b) is not None
+                                       and os.path.realpath(a) == os.path.realpath(b))
+        while self._version_counter and not same(path, keep) and self.file_exists(path, trainer):
+            path = self.format_checkpoint_name(candidates, filename, ver=version)
+            version += 1
+        return path
+
+    def _write(self, trainer: Trainer, path: str) -> None:
+        trainer.save_checkpoint(path, self.save_weights_only)
+        self._saved_step, self._saved_path = trainer.global_step, path
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def _removable(self, trainer: Trainer, previous: str, current: str) -> bool:
+        """Whether a replaced file may go: not the file just written, not the one this run resumed from, and only
+        inside this callback's folder (remote paths: always)."""
+        if previous == current:
+            return False
+        if _local_path(previous) is None:
+            return True
+        resumed = trainer.ckpt_path
+        if resumed is not None and os.path.abspath(previous) == os.path.abspath(resumed):
+            return False
+        return Path(os.path.abspath(self.dirpath or ".")) in Path(os.path.abspath(previous)).parents
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not getattr(self, "_fitting", True):
+        if not self._fitting:
             return  # validate/test/predict save nothing: no best score to carry (and no "dirpath has changed")
         # Lightning compares dirpath strings: a relative logger path and the same folder as an absolute
         # --checkpoint.dirpath differ, so best and top-k were lost and last.ckpt became last-v1.ckpt.

@@ -1,0 +1,278 @@
+"""Loading saved weights into a model, for the whole package: :func:`load_weights` takes any supported source (a
+Lightning ``.ckpt``, a ``.pth``, a ``.safetensors``, an export folder, or a checkpoint already read), picks EMA or
+raw weights, keeps, resets or drops the head, grows a TokenFormer to the saved token counts when asked, and raises
+one error naming what differs (embed_dim, depth, token counts, classes). Files are read with
+``torch.load(weights_only=True)`` or safetensors only; a pickle that asks for anything else is refused by name."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import pickletools
+import re
+import sys
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from timm.models import clean_state_dict
+from torch import nn
+
+__all__ = ["load_weights", "read_checkpoint", "select_weights", "token_counts", "head_classes", "architecture",
+           "describe_mismatch", "grow_to_weights"]
+
+# Prefix of the timm model inside ImageClassifier's state dict, and of its EMA copy (timm ModelEmaV3 at ``.ema``).
+MODEL_PREFIX, EMA_PREFIX = "model.", "ema.module."
+WEIGHTS_FILE = "model.safetensors"  # the weights of an export folder (timm's local-dir / Hugging Face layout)
+
+# what torch.save itself writes into a pickle: not worth naming when a file is refused
+_TENSOR_GLOBALS = re.compile(r"^(torch\._utils\._rebuild_\w+|torch\.\w*Storage|collections\.OrderedDict|"
+                             r"torch\.(Size|device|\w*float\w*|\w*int\d*|bool|half|double|long))$")
+
+Source = str | os.PathLike | Mapping[str, Any]
+HeadMode = Literal["keep", "reset", "drop", "auto"]
+
+
+def _imported_globals(path: Path) -> list[str]:
+    """The ``module.name`` globals a pickle (plain or inside torch's zip format) imports, read without running it."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # not torch's zip format: scan the raw pickle's opcodes
+        pass
+    found, strings = [], []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(".".join(strings[-2:]))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # truncated or not a pickle: report what was found so far
+        pass
+    return [g for g in dict.fromkeys(found) if not _TENSOR_GLOBALS.match(g)]
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint or weights file into a dict: ``.safetensors`` with safetensors, anything else with
+    ``torch.load(weights_only=True)``. FileNotFoundError, or ValueError for an empty, truncated or corrupt file, a
+    pickle that asks to import something (named; it is never loaded), or a file that holds no mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
+    if path.suffix == ".safetensors":
+        try:
+            return dict(load_file(str(path)))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"cannot read {path}: truncated or not a safetensors file ({err})") from err
+    try:
+        # argparse.Namespace: the ``args`` of timm's training checkpoints (timm allows it too)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        if imports := _imported_globals(path):
+            # never loaded with weights_only=False: a weights file needs no imports, and this one could run code
+            names = ", ".join(f"`{g}`" for g in imports[:5])
+            raise ValueError(f"refused to load {path}: the file asks to import {names}; weights need no imports "
+                             "beyond tensors, so it is not loaded (it may be trying to run code)") from None
+        raise ValueError(f"cannot read checkpoint {path}: truncated or not a PyTorch checkpoint "
+                         f"({type(err).__name__}: {_first_line(err)})") from None
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint")
+    return dict(obj)
+
+
+def _first_line(err: BaseException) -> str:
+    """The message line of torch's errors that says what is wrong (not its advice)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
+    return (useful or lines or [""])[0][:300]
+
+
+def select_weights(checkpoint: Mapping[str, Any], ema: bool | None = None) -> dict[str, torch.Tensor]:
+    """The plain model state dict of a checkpoint (an ImageClassifier ``.ckpt``, a timm training checkpoint or a
+    plain state dict), wrapper prefixes stripped by timm's ``clean_state_dict``. ``ema``: True: the EMA weights (an
+    error when there are none); False: the raw weights; None: the EMA weights when present, else raw."""
+    state = next((checkpoint[k] for k in ("state_dict", "model") if isinstance(checkpoint.get(k), Mapping)),
+                 checkpoint)
+    ema_state = next((checkpoint[k] for k in ("state_dict_ema", "model_ema")  # timm's train.py layouts
+                      if isinstance(checkpoint.get(k), Mapping)), None)
+    if ema_state is None:
+        ema_state = {k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
+    if ema or (ema is None and ema_state):
+        if not ema_state:
+            raise ValueError(f"the checkpoint has no EMA weights (no '{EMA_PREFIX}*' keys): load the raw weights "
+                             "(ema=False, or export without --ema), or train with ema_decay")
+        state = ema_state
+    elif any(k.startswith(MODEL_PREFIX) for k in state):
+        state = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+    state = {k: v for k, v in clean_state_dict(dict(state)).items() if torch.is_tensor(v)}
+    if not state:
+        raise ValueError("the checkpoint holds no tensors")
+    return state
+
+
+def token_counts(state: Mapping[str, torch.Tensor]) -> dict[str, int] | None:
+    """``{"attn_tokens", "ffn_tokens"}`` of a TokenFormer state dict (the token axis of its blocks' Pattentions),
+    or None when it holds no TokenFormer blocks. ValueError when the blocks disagree."""
+    patterns = {"attn_tokens": r"attn\.(q|k|v|proj)", "ffn_tokens": r"(ffn|mlp)"}
+    found = {name: {int(v.shape[0]) for k, v in state.items() if re.search(rf"(^|\.)blocks\.\d+\.{p}\.key_param$", k)}
+             for name, p in patterns.items()}
+    if not any(found.values()):
+        return None
+    for name, values in found.items():
+        if len(values) != 1:
+            raise ValueError(f"blocks in the state dict disagree on {name}: {sorted(values)}")
+    return {name: values.pop() for name, values in found.items()}
+
+
+def head_classes(state: Mapping[str, torch.Tensor]) -> int:
+    """Classes of a saved head (linear ``head.weight`` or Pattention ``head.value_param``); 0 without a head."""
+    for key, axis in (("head.weight", 0), ("head.value_param", 1)):
+        if key in state:
+            return int(state[key].shape[axis])
+    return 0
+
+
+def architecture(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """What a ViT state dict says about its model: embed_dim, depth, num_classes and the token counts."""
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    width = next((state[k].shape[-1] for k in ("cls_token", "pos_embed", "norm.weight") if k in state), None)
+    return {"embed_dim": None if width is None else int(width), "depth": max(blocks) + 1 if blocks else 0,
+            "num_classes": head_classes(state), **(token_counts(state) or {})}
+
+
+def describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """One sentence naming how ``state`` differs from ``model`` (architecture first, then keys), None if it fits."""
+    own = model.state_dict()
+    saved, have = architecture(state), architecture(own)
+    diffs = [f"{k} {saved[k]} in the weights vs {have[k]} in the model" for k in
+             ("embed_dim", "depth", "attn_tokens", "ffn_tokens", "num_classes")
+             if saved.get(k) is not None and have.get(k) is not None and saved[k] != have[k]]
+    if diffs:
+        hint = (f" (use data with {saved['num_classes']} classes, or start a model for {have['num_classes']} classes "
+                "from these weights with --model.pretrained, which gives it a new head)"
+                if saved.get("num_classes") and have.get("num_classes") and saved["num_classes"] != have["num_classes"]
+                else "")
+        return "; ".join(diffs) + hint
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    parts = [f"{len(items)} {label} (e.g. {', '.join(items[:3])})" for label, items in
+             (("missing keys", sorted(set(own) - set(state))), ("unexpected keys", sorted(set(state) - set(own))),
+              ("shape mismatches", shapes)) if items]
+    return "; ".join(parts) or None
+
+
+def grow_to_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Grow a TokenFormer (anything with ``grow`` and ``token_counts``) to the token counts of ``state``; weights
+    with fewer tokens than the model are a ValueError naming both counts (that would need shrinking)."""
+    saved, have = token_counts(state), getattr(model, "token_counts", None)
+    if not saved or not have or not callable(getattr(model, "grow", None)) or saved == have:
+        return
+    fewer = [f"{k}: model {have[k]}, weights {v}" for k, v in saved.items() if v < have[k]]
+    if fewer:
+        raise ValueError(f"the weights have fewer parameter tokens than the model ({', '.join(fewer)}): build the "
+                         "model with the weights' attn_tokens/ffn_tokens")
+    model.grow(**saved)
+
+
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
+    return tuple(f"{h}." for h in ((classifier,) if isinstance(classifier, str) else classifier))
+
+
+def _read_source(source: Source) -> tuple[Mapping[str, Any], str]:
+    """``(checkpoint or state dict, its name for messages)``; an export folder is its ``model.safetensors``."""
+    if isinstance(source, Mapping):
+        return source, "the given weights"
+    path = Path(source)
+    if path.is_dir():
+        if not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path}: not an export folder")
+        path = path / WEIGHTS_FILE
+    return read_checkpoint(path), str(path)
+
+
+def load_weights(model: nn.Module, source: Source, *, ema: bool | None = None, head: HeadMode = "keep",
+                 grow: bool = False, name: str | None = None) -> dict[str, Any]:
+    """Load ``source`` into ``model`` in place: the one way the package loads weights.
+
+    Args:
+        model: a timm model (TokenFormer or any ViT); its family's ``checkpoint_filter_fn`` adapts the weights
+            (e.g. resamples the position embedding to the model's input size).
+        source: a ``.ckpt`` (Lightning, from ImageClassifier), ``.pth``/``.pt`` (a state dict or a timm training
+            checkpoint), ``.safetensors``, an export folder, or a checkpoint / state dict already in memory.
+        ema: True: the checkpoint's EMA weights (an error without them); False: the raw weights; None: EMA if any.
+        head: ``"keep"``: load the saved classifier (its classes must match); ``"reset"``: leave the model's own head
+            as built (fine-tuning to other classes); ``"drop"``: ignore the saved head and remove the model's
+            (``reset_classifier(0)``, e.g. for a backbone); ``"auto"``: keep when the classes match, else reset.
+        grow: grow a TokenFormer to the saved token counts; without it, other counts are a mismatch.
+        name: what the messages call the source (default: its path; a checkpoint in memory: "the given weights").
+
+    Returns ``{"source": name, "head": "loaded" | "reset" | "dropped" | "none", "token_counts": ... | None}``.
+    Raises ValueError naming what differs (embed_dim, depth, token counts, classes), FileNotFoundError, or the
+    read errors of :func:`read_checkpoint`.
+    """
+    if head not in ("keep", "reset", "drop", "auto"):
+        raise ValueError(f"head must be 'keep', 'reset', 'drop' or 'auto', got {head!r}")
+    checkpoint, read_name = _read_source(source)
+    name = name or read_name
+    state = select_weights(checkpoint, ema=ema)
+    state = {k.replace(".mlp.", ".ffn.") if k.startswith("blocks.") else k: v for k, v in state.items()}
+    model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+    if not any(k.startswith("blocks.") for k in state):
+        raise ValueError(f"{name} holds no transformer blocks ('blocks.N.*' keys): not weights of a ViT")
+    if isinstance(counts := checkpoint.get("token_counts"), Mapping) and (real := token_counts(state)) \
+            and dict(counts) != real:
+        raise ValueError(f"{name} is inconsistent: its token_counts say {dict(counts)}, its weights have {real}")
+    heads = _head_prefixes(model)
+    saved_head = {k: v for k, v in state.items() if k.startswith(heads)}
+    classes, want = head_classes(state), getattr(model, "num_classes", None)
+    if head == "auto":
+        head = "keep" if not saved_head or classes == want else "reset"
+    body = {k: v for k, v in state.items() if k not in saved_head}
+    saved, have = architecture(state), architecture(model.state_dict())
+    other = [f"{k}: weights {saved[k]}, model {have[k]}" for k in ("embed_dim", "depth")
+             if saved[k] and have[k] and saved[k] != have[k]]
+    if other:
+        raise ValueError(f"{name} does not fit {model_name}: the weights are of another model ({', '.join(other)})")
+    diffs = []
+    if not grow and (real := token_counts(state)) and getattr(model, "token_counts", None):
+        diffs += [f"{k} {v} in the weights vs {model.token_counts[k]} in the model" for k, v in real.items()
+                  if v != model.token_counts[k]]
+    if head == "keep" and classes != (want or 0) and (saved_head or want):
+        diffs.append(f"num_classes {classes} in the weights vs {want} in the model")
+    if diffs:
+        hints = (["head='reset' fine-tunes to the model's classes"] if any("num_classes" in d for d in diffs) else []) \
+            + (["grow=True grows the model to the weights' tokens"] if any("tokens" in d for d in diffs) and not grow
+               else [])
+        raise ValueError(f"{name} does not fit {model_name}: {'; '.join(diffs)}"
+                         + (f" ({'; '.join(hints)})" if hints else ""))
+    if head == "drop" and want:
+        model.reset_classifier(0)
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    loaded = {**body, **(saved_head if head == "keep" else {})}
+    try:
+        if grow:
+            grow_to_weights(model, state)
+        if filter_fn is not None:
+            loaded = filter_fn(loaded, model)
+    except (KeyError, RuntimeError, ValueError) as err:  # timm's filters fail on foreign layouts with raw errors
+        raise ValueError(f"{name} does not fit {model_name}: {err}") from err
+    own = model.state_dict()
+    if head != "keep":
+        loaded = {**loaded, **{k: v for k, v in own.items() if k.startswith(heads)}}
+    if problem := describe_mismatch(model, loaded):
+        raise ValueError(f"{name} does not fit {model_name}: {problem}")
+    model.load_state_dict(loaded, strict=True)
+    return {"source": name, "token_counts": dict(getattr(model, "token_counts", {})) or None,
+            "head": "none" if not saved_head and head == "keep" else
+            {"keep": "loaded", "reset": "reset", "drop": "dropped"}[head]}
