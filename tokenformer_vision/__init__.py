@@ -10,11 +10,11 @@ from typing import Any
 from .model import TokenFormerViT, checkpoint_filter_fn
 from .pattention import Pattention
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # public name -> submodule that defines it (imported on first attribute access)
 _LAZY = {"ImageClassifier": ".classifier", "ImageFolderDataModule": ".data", "ImageNetDataModule": ".data",
-         "DigitsDataModule": ".data", "GrowthCallback": ".callbacks"}
+         "DigitsDataModule": ".data", "IDXDataModule": ".data", "GrowthCallback": ".callbacks"}
 __all__ = ["Pattention", "TokenFormerViT", "checkpoint_filter_fn", *_LAZY]
 
 

@@ -385,8 +385,11 @@ class ImageClassifier(LightningModule):
         """A resumed fit restores the checkpoint's schedule, whose cosine ends where the first run ended: follow
         the trainer's current total of steps instead (e.g. ``--trainer.max_epochs`` raised), and say so. A logging
         interval longer than an epoch (Lightning's default 50 on small data) shortens to one epoch, so that
-        ``train/*`` reaches the loggers. A resumed fit gets the random states of the checkpoint."""
+        ``train/*`` reaches the loggers. A resumed fit gets the random states of the checkpoint and the routing
+        annealing step of its global step."""
         self._fit_log_interval()
+        if getattr(self.model, "routing", None) is not None:  # an annealed routing target continues where it was
+            self.model.routing.step = int(self.global_step)
         if self._resumed_rng_states is not None:  # not earlier: loading the checkpoint draws random numbers
             _set_rng_states(self._resumed_rng_states)
             self._resumed_rng_states = None

@@ -2,15 +2,20 @@
 """TokenFormer vs timm's ViT on Fashion-MNIST, same recipe, side by side: test top-1 (mean ± std over seeds),
 parameters, training FLOPs, training and inference images/s, and a plot of test accuracy against training FLOPs.
 
-    python scripts/benchmarks/bench_fashion_mnist.py --suites parity recipe --seeds 0 1 2 --widths 64 128 \\
-        --epochs 15 --jobs 7 --out docs/benchmarks/fashion_mnist.json --plot docs/benchmarks/fashion_mnist_parity.png
+    OMP_NUM_THREADS=1 python scripts/benchmarks/bench_fashion_mnist.py --suites parity --seeds 0 1 2 \\
+        --widths 32 64 --patch-size 7 --epochs 5 --jobs 2 --workers 0 --threads 1 --device cpu \\
+        --out docs/benchmarks/fashion_mnist_parity.json --plot docs/benchmarks/fashion_mnist_parity.png
+
+(about 80 minutes on a 2-core CPU; on one GPU, ``scripts/gpu_check.sh`` runs the larger version: d 64 and 128 at
+patch 4, 12 epochs, several runs at once.)
 
 ``--suites``: ``parity`` (below), ``recipe`` (the CPU-recipe candidates: width and patch size chosen by
 measurement, each trained for the epochs that fill about 30 minutes of a 2-core CPU), ``gpu_recipe`` (the
 GPU-sized recipe, bf16). ``--throughput-only`` measures the side-by-side throughput of the chosen suites' models
 and trains nothing (how the CPU recipe's epochs were sized).
 
-Models (shell of the same size: patch 4 on 28² = 49 patches + class token, ``--depth`` blocks, head dim 32):
+Models (shell of the same size: ``--patch-size`` p on 28², (28/p)² patches + class token, ``--depth`` blocks, head
+dim 32):
   ``vit_d{d}``           timm's ``VisionTransformer`` (qkv/MLP biases, LayerNorm affine, MLP ratio 4);
   ``tokenformer_d{d}``   every projection a Pattention, parameter- and FLOP-matched to the ViT: 0.75·d tokens per
                          attention projection and 3·d FFN tokens, so a block has 12·d² weights like the ViT's;

@@ -424,7 +424,9 @@ def main() -> None:
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     (out / f"{args.name}.md").write_text(markdown(rows))
     title = (f"Fashion-MNIST {args.img_size}² patch {args.patch_size}, d {args.dim}, depth {args.depth}, "
-             f"{args.epochs}+{args.finetune_epochs} epochs, {len(args.seeds)} seed(s); {info['cpu']}, "
+             f"{args.epochs}+{args.finetune_epochs:g} epochs"
+             + (f" of {args.limit_train_batches:g} batches" if args.limit_train_batches else "")
+             + f", {len(args.seeds)} seed(s); {info['cpu']}, "
              f"batch {args.infer_batch}")
     pareto_plot(rows, out / f"{args.name}_pareto.png", title)
     print(markdown(rows))

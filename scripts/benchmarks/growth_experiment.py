@@ -4,7 +4,10 @@ on Fashion-MNIST, through the shared harness (``benchlib.harness.train_eval``: I
 Trainer, the path a user's ``tokenformer-vision fit`` takes).
 
     python scripts/benchmarks/growth_experiment.py --seeds 0 1 2 --epochs 16 --jobs 6 --workers 1 \\
-        --out docs/benchmarks/growth_fashion_mnist.json --plot docs/benchmarks/growth_fashion_mnist.png
+        --device cuda --out growth.json --plot growth.png
+
+Sized for one GPU (``scripts/gpu_check.sh`` runs it): 12 runs of 16 epochs at patch 4 are about 8 hours of a
+2-core CPU. The results so far on digits (the earlier version of this study) are in docs/benchmarks.md.
 
 Model: ``tokenformer_tiny``'s shell at d = ``--width`` (64), ``--depth`` (6) blocks, patch 4 (49 patches + cls),
 grayscale 28². Widths: small ``--small`` (4 / 16 attention / FFN parameter tokens), mid ``--mid`` (16 / 64),

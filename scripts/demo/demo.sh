@@ -6,8 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-# One torch thread unless OMP_NUM_THREADS says otherwise: the model's matrices are small, and two threads that
-# share two busy cores with other work stall each other (measured: over 10x slower per epoch at load 9).
+# One torch thread unless OMP_NUM_THREADS says otherwise: the model's matrices are small, and two threads on two
+# cores shared with other work stall each other (6 epochs took 20-22 s with one thread, 51-133 s with two, at a
+# 1-minute load average of 3-5).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 ARGS=(--config configs/demo/digits.yaml --trainer.enable_progress_bar false)
 if [ -n "${SEED:-}" ]; then

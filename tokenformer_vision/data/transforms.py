@@ -127,10 +127,10 @@ def build_transforms(
     Train: ``RandomResizedCrop(scale, ratio)`` (or, with ``crop_padding`` p > 0, the CIFAR-style pad by p on every
     side and random crop of ``img_size``, for small images already at the model's size) -> flip (``hflip``) -> mild
     affine (``affine``: ±10° rotation, ±8% shift, 0.9-1.1 zoom, ±8° shear, for data like digits where flips and
-    strong policies hurt) -> RandAugment -> random erasing with per-pixel noise (``random_erasing``) -> normalise. Eval (like timm): resize the shorter side
-    (non-square sizes: each side) to ``floor(size / crop_pct)`` -> centre crop -> normalise. Downscaling is area
-    interpolation (close to PIL's). ``fill``: colour of uncovered areas (default: mean, as timm); ``seed``: of the
-    random stream (:func:`reseed_transform`).
+    strong policies hurt) -> RandAugment -> random erasing with per-pixel noise (``random_erasing``) -> normalise.
+    Eval (like timm): resize the shorter side (non-square sizes: each side) to ``floor(size / crop_pct)`` -> centre
+    crop -> normalise. Downscaling is area interpolation (close to PIL's). ``fill``: colour of uncovered areas
+    (default: mean, as timm); ``seed``: of the random stream (:func:`reseed_transform`).
     """
     h, w = _size_hw(img_size)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
