@@ -7,7 +7,7 @@ estimate; medians are kept in the JSON) and the TokenFormer / ViT ratios (throug
 faster; memory ratio: < 1 means TokenFormer needs less). On CUDA every timed call is synchronised.
 
 TokenFormer-B here is ``tokenformer_base`` with ``attn_tokens=576, ffn_tokens=2304``: exactly ViT-B's 12·d²
-parameters and GEMM FLOPs per block (DESIGN §2). ``--size tiny`` compares the parameter-matched
+parameters and GEMM FLOPs per block (docs/design.md). ``--size tiny`` compares the parameter-matched
 ``tokenformer_tiny`` (144/576 tokens) with ``vit_tiny_patch16_224`` instead (quick checks).
 
 ``--dtype bfloat16|float16`` runs forward and loss under ``torch.autocast`` (parameters and AdamW state stay fp32,
