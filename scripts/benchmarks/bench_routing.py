@@ -46,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_token_reduction import (  # noqa: E402  (this folder: the script's own, first on sys.path)
     PRECISION_DTYPE,
     build_model,
-    datamodule,
     evaluate,
     steps_per_epoch,
+    test_set,
     train,
 )
 from benchlib.common import (  # noqa: E402
@@ -73,16 +73,7 @@ def run_accuracy(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.device = device.type
     dtype = PRECISION_DTYPE.get(args.precision, torch.float32)
-    dm = datamodule(args)
-    dm.setup("test")
-    test, seen = [], 0
-    for x, y, *_ in dm.test_dataloader():
-        if args.limit_test_images and seen >= args.limit_test_images:
-            break
-        test.append((x, y))
-        seen += len(y)
-    infer_x = torch.cat([x for x, _ in test])[: args.infer_batch]
-    infer_x = infer_x.repeat(-(-args.infer_batch // len(infer_x)), 1, 1, 1)[: args.infer_batch].to(device)
+    test, infer_x = test_set(args, device)
     anneal_steps = int(args.anneal * args.epochs * steps_per_epoch(args))
     configs = [("unrouted", {})] + [
         (f"target_{t:g}", dict(token_routing=True, routing_target=t, min_fraction=args.min_fraction,

@@ -103,6 +103,22 @@ def datamodule(args: argparse.Namespace):
                          random_erasing=args.random_erasing, seed=0, persistent_workers=args.workers > 0)
 
 
+def test_set(args: argparse.Namespace, device: torch.device) -> tuple[list, torch.Tensor]:
+    """The test split's ``(images, targets)`` batches (at most ``--limit-test-images``) and one inference batch of
+    ``--infer-batch`` test images (repeated if there are fewer) on ``device``."""
+    dm = datamodule(args)
+    dm.setup("test")
+    test, seen = [], 0
+    for x, y, *_ in dm.test_dataloader():
+        if args.limit_test_images and seen >= args.limit_test_images:
+            break
+        test.append((x, y))
+        seen += len(y)
+    infer_x = torch.cat([x for x, _ in test])[: args.infer_batch]
+    infer_x = torch.cat([infer_x] * math.ceil(args.infer_batch / len(infer_x)))[: args.infer_batch].to(device)
+    return test, infer_x
+
+
 def steps_per_epoch(args: argparse.Namespace) -> int:
     """Optimizer steps of one epoch (55,000 training images after the 5,000 validation hold-out, drop_last)."""
     steps = 55_000 // args.batch_size
@@ -298,16 +314,7 @@ def main() -> None:
     info = machine_info(device)
     started = time.perf_counter()
 
-    dm = datamodule(args)
-    dm.setup("test")
-    test, seen = [], 0
-    for x, y, *_ in dm.test_dataloader():
-        if args.limit_test_images and seen >= args.limit_test_images:
-            break
-        test.append((x, y))
-        seen += len(y)
-    infer_x = torch.cat([x for x, _ in test])[: args.infer_batch]
-    infer_x = torch.cat([infer_x] * math.ceil(args.infer_batch / len(infer_x)))[: args.infer_batch].to(device)
+    test, infer_x = test_set(args, device)
 
     routed_epochs = args.epochs + args.finetune_epochs if args.routed_from == "scratch" else args.finetune_epochs
     anneal_steps = int(args.anneal * routed_epochs * steps_per_epoch(args))
