@@ -3,6 +3,8 @@ predictions, error messages. Tiny models (d 32, 1 block, 32x32 input, patch 8) k
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 from pathlib import Path
 
@@ -14,9 +16,20 @@ from safetensors.torch import save_file
 from tokenformer_vision import ImageClassifier
 from tokenformer_vision.classifier import WarmupCosine
 from tokenformer_vision.data import ImageFolderDataModule
-from tokenformer_vision.prediction import PredictionWriter, read_predictions
+from tokenformer_vision.prediction import PredictionWriter
 
 TINY = {"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """A file written by PredictionWriter (CSV or JSON) as records ``{name, target, topk: [(class, p)]}``."""
+    with open(path, newline="") as f:
+        if path.suffix == ".json":
+            return [{"name": r["name"], "target": r["target"],
+                     "topk": [(e["class"], float(e["prob"])) for e in r["topk"]]} for r in json.load(f)]
+        return [{"name": row["name"], "target": row["target"] or None,
+                 "topk": [(row[f"top{j}"], float(row[f"prob{j}"])) for j in range(1, len(row)) if f"top{j}" in row]}
+                for row in csv.DictReader(f)]
 
 
 def make_module(num_classes: int | None = 3, **kw) -> ImageClassifier:

@@ -25,19 +25,16 @@ from torch.utils.data import DataLoader
 
 from tokenformer_vision.data import (
     DigitsDataModule,
-    EpochSampler,
-    ImageFileDataset,
     ImageFolderDataModule,
     ImageNetDataModule,
     build_transforms,
-    collate_skip_none,
-    default_num_workers,
-    load_digits_rgb,
     load_rgb,
-    rand_augment_policy,
     reseed_transform,
-    resolve_transform_config,
 )
+from tokenformer_vision.data.datamodule import EpochSampler, collate_skip_none, default_num_workers
+from tokenformer_vision.data.digits import load_digits_rgb
+from tokenformer_vision.data.folder import ImageFileDataset
+from tokenformer_vision.data.transforms import rand_augment_policy, resolve_transform_config
 
 N_TRAIN = IMAGEFOLDER_TRAIN_PER_CLASS * len(IMAGEFOLDER_CLASSES)
 N_VAL = IMAGEFOLDER_VAL_PER_CLASS * len(IMAGEFOLDER_CLASSES)

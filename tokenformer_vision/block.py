@@ -147,16 +147,13 @@ class TokenFormerBlock(nn.Module):
             rank = rank.to(x.device)[image]  # [T]: the token's image's row in this group, -1 if not in it
             chosen = rank >= 0
             index = (rank[chosen], slot[chosen])
-
-            def padded(t: torch.Tensor, size: int = size, longest: int = longest, index=index, chosen=chosen):
-                rows = t.new_zeros(size, longest, C).index_put_(index, t[chosen])
-                return rows.view(size, longest, heads, -1).transpose(1, 2)
-
+            padded = [t.new_zeros(size, longest, C).index_put_(index, t[chosen]) for t in (q, k, v)]
             mask = None
             if int(counts[members].min()) < longest:
                 mask = torch.arange(longest).unsqueeze(0) < counts[members].unsqueeze(1)
                 mask = mask.to(x.device)[:, None, None, :]
-            out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask)
+            out = F.scaled_dot_product_attention(*(t.view(size, longest, heads, -1).transpose(1, 2) for t in padded),
+                                                 attn_mask=mask)
             y[chosen] = out.transpose(1, 2).reshape(size, longest, C)[index]
         xt = xt + self.drop_path1(self.attn.proj_drop(self.attn.proj(y)))
         xt = xt + self.drop_path2(self.ffn(self.norm2(xt)))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -29,7 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from .callbacks import NonFiniteGuard
 from .weights import describe_mismatch, load_weights, select_weights, token_counts
 
-__all__ = ["ImageClassifier", "WarmupCosine", "TLOps"]
+__all__ = ["ImageClassifier", "TLOps"]
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +135,9 @@ class ImageClassifier(LightningModule):
                  drop_path_rate: float = 0.0, ema_decay: float | None = None, ema_warmup: bool = False,
                  top_k: int = 5, nonfinite: Literal["skip", "stop"] = "skip", max_nonfinite_steps: int = 10) -> None:
         super().__init__()
-        self._check_args(locals())
         # The optimizer factory is code, not a hyperparameter: it cannot go into a weights-only checkpoint.
         self.save_hyperparameters(ignore=["optimizer"])
+        self._check_args(self.hparams)
         self.optimizer_fn = optimizer
         self.model: nn.Module | None = None  # built by _build(), with the EMA copy and the Mixup function
         self.ema: ModelEmaV3 | None = None
@@ -148,7 +148,7 @@ class ImageClassifier(LightningModule):
             self._build(num_classes)
 
     @staticmethod
-    def _check_args(a: dict[str, Any]) -> None:
+    def _check_args(a: Mapping[str, Any]) -> None:
         is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
         nonneg, unit = (lambda v: v >= 0, "≥ 0"), (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
         pos_int = (lambda v: is_int(v) and v >= 1, "a positive int")

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser
+from docstring_parser import parse as parse_docstring
+from jsonargparse import ActionYesNo, ArgumentParser
 
 __all__ = ["main"]
 
@@ -47,11 +48,11 @@ def _tool(name: str, argv: list[str]) -> None:
                             exit_on_error=False)
     parser.add_argument("--config", type=str | None, default=None,
                         help="the training config, to resolve --ckpt_path last|best among its runs")
-    parser.add_function_arguments(fn)
-    flags = {f"--{n}" for n, p in inspect.signature(fn).parameters.items() if isinstance(p.default, bool)}
-    # boolean options work as flags too (`--onnx` as well as `--onnx true`)
-    argv = [t for a, nxt in zip(argv, [*argv[1:], "--"], strict=True)
-            for t in ([a, "true"] if a in flags and nxt.startswith("--") else [a])]
+    flags = {n: p.default for n, p in inspect.signature(fn).parameters.items() if isinstance(p.default, bool)}
+    parser.add_function_arguments(fn, skip=set(flags))
+    docs = {p.arg_name: p.description for p in parse_docstring(fn.__doc__).params}
+    for name, default in flags.items():  # `--onnx` and `--no_onnx` as well as `--onnx true`
+        parser.add_argument(f"--{name}", action=ActionYesNo, nargs="?", default=default, help=docs.get(name))
     args = parser.parse_args(argv).as_dict()
     config_path = args.pop("config")
     if args["ckpt_path"] in ("last", "best"):

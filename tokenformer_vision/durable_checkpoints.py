@@ -65,8 +65,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, local)
         except (OSError, RuntimeError) as err:
             # torch's zip writer reports a failed write (a full disk) as "unexpected pos ...": the OSError is its cause
-            cause = next((e for e in _chain(err) if isinstance(e, OSError)), None)
-            if cause is None:
+            cause, seen = err, []
+            while cause is not None and not isinstance(cause, OSError) and cause not in seen:
+                seen.append(cause)
+                cause = cause.__cause__ or cause.__context__
+            if not isinstance(cause, OSError):
                 raise
             message = (f"could not write checkpoint {local} ({cause.strerror or cause}); an earlier file there is "
                        "unchanged" + ("; free space on that disk or choose another --checkpoint.dirpath"
@@ -82,15 +85,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-
-
-def _chain(err: BaseException) -> list[BaseException]:
-    """``err`` and the exceptions it was raised from or while handling."""
-    seen: list[BaseException] = []
-    while err is not None and err not in seen:
-        seen.append(err)
-        err = err.__cause__ or err.__context__
-    return seen
 
 
 def with_atomic_checkpoint_io(plugins: Any = None) -> list[Any]:
@@ -215,7 +209,6 @@ class LastAndBestCheckpoint(ModelCheckpoint):
         if error is not None or problem is not None:
             raise error or OSError(*problem)
 
-    # ------------------------------------------------------------------------------------------- when to save
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_time = time.monotonic()
 
@@ -267,9 +260,7 @@ class LastAndBestCheckpoint(ModelCheckpoint):
         if trainer.check_val_every_n_epoch != 1:
             return False
         batches = trainer.num_val_batches
-        if (sum(batches) if isinstance(batches, list) else batches) == 0:
-            return True
-        return trainer.val_check_interval == 1.0
+        return (sum(batches) if isinstance(batches, list) else batches) == 0 or trainer.val_check_interval == 1.0
 
     def _save_evaluated(self, trainer: Trainer) -> None:
         """Top-k (when due) and ``last`` for the state that was just evaluated."""
@@ -287,7 +278,6 @@ class LastAndBestCheckpoint(ModelCheckpoint):
         if self.save_last and not (self._saved_step == step and self._saved_path == self.last_model_path):
             self._save_last(trainer, candidates)
 
-    # -------------------------------------------------------------------------------------------- what to save
     def _candidates(self, trainer: Trainer) -> dict[str, torch.Tensor]:
         """The logged metrics plus ``epoch`` and ``step``, for the file names and the monitored score."""
         metrics = dict(trainer.callback_metrics)
@@ -314,8 +304,7 @@ class LastAndBestCheckpoint(ModelCheckpoint):
             path = self._free_name(trainer, candidates, keep=self.best_model_path)
             previous, self.best_model_path = self.best_model_path, path
             self._write(trainer, path)
-            if self.save_top_k == 1 and previous and self._removable(trainer, previous, path):
-                trainer.strategy.remove_checkpoint(previous)
+            self._remove_replaced(trainer, previous if self.save_top_k == 1 else None, path)
             return
         current = candidates.get(self.monitor)
         if current is None:
@@ -346,8 +335,7 @@ class LastAndBestCheckpoint(ModelCheckpoint):
             rank_zero_info(f"step {trainer.global_step}: {self.monitor!r} reached {float(current):0.5f} (best "
                            f"{float(self.best_model_score):0.5f}), saving {path!r} as top {k}")
         self._write(trainer, path)  # the file it replaces goes only after this succeeded
-        if dropped and self._removable(trainer, dropped, path):
-            trainer.strategy.remove_checkpoint(dropped)
+        self._remove_replaced(trainer, dropped, path)
 
     def _save_last(self, trainer: Trainer, candidates: dict[str, torch.Tensor]) -> None:
         if not self.save_last:
@@ -355,8 +343,7 @@ class LastAndBestCheckpoint(ModelCheckpoint):
         path = self._free_name(trainer, candidates, self.CHECKPOINT_NAME_LAST, keep=self.last_model_path)
         previous, self.last_model_path = self.last_model_path, path  # set first: it is part of the saved state
         self._write(trainer, path)
-        if previous and self._removable(trainer, previous, path):
-            trainer.strategy.remove_checkpoint(previous)
+        self._remove_replaced(trainer, previous, path)
 
     def _free_name(self, trainer: Trainer, candidates: dict[str, torch.Tensor], filename: str | None = None,
                    keep: str | None = None) -> str:
@@ -378,17 +365,17 @@ class LastAndBestCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
-    def _removable(self, trainer: Trainer, previous: str, current: str) -> bool:
-        """Whether a replaced file may go: not the file just written, not the one this run resumed from, and only
-        inside this callback's folder (remote paths: always)."""
-        if previous == current:
-            return False
-        if _local_path(previous) is None:
-            return True
-        resumed = trainer.ckpt_path
-        if resumed is not None and os.path.abspath(previous) == os.path.abspath(resumed):
-            return False
-        return Path(os.path.abspath(self.dirpath or ".")) in Path(os.path.abspath(previous)).parents
+    def _remove_replaced(self, trainer: Trainer, previous: str | None, current: str) -> None:
+        """Remove ``previous``, the file a save replaced, unless it is the file just written or the one this run
+        resumed from, or lies outside this callback's folder (remote paths: always removed)."""
+        if not previous or previous == current:
+            return
+        if _local_path(previous) is not None:
+            abspath, resumed = os.path.abspath, trainer.ckpt_path
+            if (resumed is not None and abspath(previous) == abspath(resumed)
+                    or Path(abspath(self.dirpath or ".")) not in Path(abspath(previous)).parents):
+                return
+        trainer.strategy.remove_checkpoint(previous)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not self._fitting:

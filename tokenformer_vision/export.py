@@ -5,7 +5,6 @@ export with :func:`load_exported` or ``timm.create_model('local-dir:DIR', pretra
 from __future__ import annotations
 
 import json
-import math
 import os
 import stat
 from pathlib import Path
@@ -23,20 +22,6 @@ __all__ = ["WEIGHTS_NAME", "CONFIG_NAME", "ONNX_NAME", "export_checkpoint",
            "save_timm_weights", "load_exported", "export_onnx", "check_onnx"]
 
 WEIGHTS_NAME, CONFIG_NAME, ONNX_NAME = "model.safetensors", "config.json", "model.onnx"
-
-
-def _timm_model(checkpoint: dict[str, Any], source: str = "the checkpoint", ema: bool = False) -> nn.Module:
-    """The timm model of an ImageClassifier checkpoint (already read: each command reads its file once), built
-    from its hyperparameters, grown to its token counts, with its raw or EMA weights, in eval mode on the CPU."""
-    if not isinstance(checkpoint.get("state_dict"), dict):
-        raise ValueError(f"{source} is not a Lightning checkpoint: it has no 'state_dict'")
-    hp = checkpoint.get("hyper_parameters") or {}
-    if not hp.get("model_name"):
-        raise ValueError(f"{source} is not an ImageClassifier checkpoint: its hyper_parameters have no 'model_name'")
-    kwargs = {**(hp.get("model_kwargs") or {}), **({"img_size": hp["img_size"]} if hp.get("img_size") else {})}
-    model = timm.create_model(hp["model_name"], num_classes=int(hp.get("num_classes") or 0), **kwargs)
-    load_weights(model, checkpoint, ema=ema, head="keep", grow=True, name=source)
-    return model.eval()
 
 
 def save_timm_weights(model: nn.Module, out_dir: str | Path, label_names: list[str] | None = None,
@@ -70,9 +55,18 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, ema: bool = False,
         verify: load the export back through timm and require the checkpoint's logits exactly.
         opset: ONNX opset (default: the exporter's).
     """
-    checkpoint = read_checkpoint(ckpt_path)  # weights, class names and data config recorded at fit time
-    model = _timm_model(checkpoint, str(ckpt_path), ema=ema)
-    names = checkpoint.get("class_names") or (checkpoint.get("hyper_parameters") or {}).get("class_names")
+    checkpoint = read_checkpoint(ckpt_path)  # read once: weights, class names and data config recorded at fit time
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{ckpt_path} is not a Lightning checkpoint: it has no 'state_dict'")
+    hp = checkpoint.get("hyper_parameters") or {}
+    if not hp.get("model_name"):
+        raise ValueError(f"{ckpt_path} is not an ImageClassifier checkpoint: its hyper_parameters have no "
+                         "'model_name'")
+    kwargs = {**(hp.get("model_kwargs") or {}), **({"img_size": hp["img_size"]} if hp.get("img_size") else {})}
+    model = timm.create_model(hp["model_name"], num_classes=int(hp.get("num_classes") or 0), **kwargs)
+    load_weights(model, checkpoint, ema=ema, head="keep", grow=True, name=str(ckpt_path))
+    model.eval()
+    names = checkpoint.get("class_names") or hp.get("class_names")
     data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in (checkpoint.get("data_config") or {}).items()}
     out = save_timm_weights(model, out, label_names=names, data_config=data_config)
     x = _example_input(model)
@@ -106,7 +100,14 @@ def load_exported(path: str | Path, *, model_name: str | None = None, num_classe
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not a timm export directory")
     if path.exists() and not path.is_dir() and path.suffix != ".safetensors":
         raise ValueError(f"{path} is neither an export directory nor a .safetensors file")
-    saved = _saved_classes(weights)  # clear errors for a missing or truncated file
+    if not weights.is_file():
+        raise FileNotFoundError(f"weights file not found: {weights}")
+    try:  # the saved head's classes from the safetensors header alone (timm reads the tensors)
+        with safe_open(str(weights), "pt") as f:
+            saved = head_classes({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()
+                                  if k in ("head.weight", "head.value_param")})
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read {weights}: truncated or not a safetensors file ({err})") from err
     if num_classes is not None and num_classes != saved and not reset_classifier:
         raise ValueError(f"num_classes={num_classes} but the saved head has {saved} classes; pass "
                          f"reset_classifier=True to replace the head (fine-tuning), or num_classes={saved}")
@@ -127,18 +128,6 @@ def load_exported(path: str | Path, *, model_name: str | None = None, num_classe
     if reset_classifier:
         model.reset_classifier(saved if num_classes is None else num_classes)
     return model.eval()
-
-
-def _saved_classes(weights: Path) -> int:
-    """Classes of the head saved in ``weights``, from the safetensors header alone (timm reads the tensors)."""
-    if not weights.is_file():
-        raise FileNotFoundError(f"weights file not found: {weights}")
-    try:
-        with safe_open(str(weights), "pt") as f:
-            return head_classes({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()
-                                 if k in ("head.weight", "head.value_param")})
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"cannot read {weights}: truncated or not a safetensors file ({err})") from err
 
 
 def _example_input(model: nn.Module, batch_size: int = 2) -> torch.Tensor:
@@ -176,6 +165,6 @@ def check_onnx(path: str | Path, model: nn.Module, example: torch.Tensor, atol: 
     with torch.no_grad():
         expected = model.eval()(example).float().cpu()
     diff = float((torch.from_numpy(got) - expected).abs().max())
-    if not math.isfinite(diff) or diff > atol:
+    if not diff <= atol:  # NaN too
         raise RuntimeError(f"ONNX model {path} differs from PyTorch by {diff:.3g} (> {atol})")
     return diff

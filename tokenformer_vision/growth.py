@@ -1,13 +1,12 @@
 """Growing a TokenFormer in the middle of training, without Lightning: model, optimizer state and EMA copy.
 
-:meth:`Pattention.grow` appends zero-key tokens (the function is unchanged) as new ``nn.Parameter`` objects (an
-in-place ``.data`` swap would leave autograd's accumulators and DDP's reducer at the old shapes), so what refers
-to the old ones follows here. The optimizer: each parameter's group slot and state move to the new object, with
-rows appended on the token axis; ``step`` and the old rows are kept; the new rows' second moment is the per-column
-mean of the old rows, so the new tokens' first updates are not oversized (a zero second moment under a large step
-count gives ≈0.45·lr with β2 = 0.95, ≈3·lr with β2 = 0.999). LR schedulers refer to the optimizer and stay valid.
-An EMA copy (timm ``ModelEmaV3``) grows too, its new rows equal to the model's. Under DDP, wrap the model in a new
-``DistributedDataParallel`` afterwards (``GrowthCallback`` does that)."""
+:meth:`Pattention.grow` appends zero-key tokens (the function is unchanged) as new ``nn.Parameter`` objects, so
+what refers to the old ones follows here. The optimizer: each parameter's group slot and state move to the new
+object, with rows appended on the token axis; ``step`` and the old rows are kept; the new rows' second moment is the
+per-column mean of the old rows, so the new tokens' first updates are not oversized (a zero second moment under a
+large step count gives ≈0.45·lr with β2 = 0.95, ≈3·lr with β2 = 0.999). LR schedulers refer to the optimizer and
+stay valid. An EMA copy (timm ``ModelEmaV3``) grows too, its new rows equal to the model's. Under DDP, wrap the
+model in a new ``DistributedDataParallel`` afterwards (``GrowthCallback`` does that)."""
 
 from __future__ import annotations
 

@@ -38,8 +38,7 @@ def _tau_column(taus: Sequence[Tau]) -> Tau:
     """τ of G layers as one float (all equal floats) or a ``[G, 1]`` tensor broadcasting over ``[T, G, n]``."""
     if all(not isinstance(t, torch.Tensor) for t in taus) and all(t == taus[0] for t in taus):
         return float(taus[0])
-    cols = [t if isinstance(t, torch.Tensor) else torch.tensor(float(t)) for t in taus]
-    return torch.stack([c.reshape(()) for c in cols]).reshape(-1, 1)
+    return torch.stack([t.reshape(()) if torch.is_tensor(t) else torch.tensor(float(t)) for t in taus])[:, None]
 
 
 def _cast(tau: Tau, dtype: torch.dtype) -> Tau:

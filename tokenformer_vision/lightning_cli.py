@@ -1,6 +1,5 @@
 """The LightningCLI of :class:`ImageClassifier` behind ``tokenformer-vision fit|validate|test|predict``, on
-LightningCLI's documented hooks (``add_arguments_to_parser``, ``parse_arguments``, ``before_instantiate_classes``,
-``instantiate_trainer``, ``before_predict``).
+LightningCLI's documented hooks only.
 
 Defaults added to Lightning's: a CSVLogger under ``runs/<model>-<data>/``, durable checkpoints (best by
 ``val/acc1`` plus ``last.ckpt``, ``--checkpoint.*``), LearningRateMonitor (``--lr_monitor.*``). ``data.num_classes``
@@ -132,8 +131,7 @@ class TokenFormerCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         # durable checkpoint writes (temporary file, fsync, rename), unless the user chose a CheckpointIO
-        init = self.config_init.get(self.subcommand, self.config_init) if self.subcommand else self.config_init
-        plugins = kwargs.get("plugins", (init.get("trainer") or {}).get("plugins"))
+        plugins = kwargs.get("plugins", _get(self.config_init, f"{self.subcommand or ''}.trainer.plugins".lstrip(".")))
         return super().instantiate_trainer(**{**kwargs, "plugins": with_atomic_checkpoint_io(plugins)})
 
     def after_instantiate_classes(self) -> None:

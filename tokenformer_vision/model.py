@@ -69,7 +69,17 @@ class TokenFormerViT(timm_vit.VisionTransformer):
     ) -> None:
         if global_pool not in ("", "token", "avg", "max", "avgmax"):
             raise ValueError(f"global_pool must be '', 'token', 'avg', 'max' or 'avgmax', got {global_pool!r}")
-        _check_patch_grid(img_size, patch_size, dynamic_img_pad)
+        # the patch embedding floors the grid: a side that is not a multiple of the patch side would lose its
+        # remainder without a word (30 px with patch 16: one patch, 14 px dropped), unless dynamic_img_pad pads it
+        if img_size is not None and not dynamic_img_pad:
+            (h, w), (ph, pw) = to_2tuple(img_size), to_2tuple(patch_size)
+            if h % ph or w % pw:
+                fits = f"{max(ph, round(h / ph) * ph)}×{max(pw, round(w / pw) * pw)}"
+                raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}: the {h // ph}×"
+                                 f"{w // pw} patch grid would leave out the last {h % ph} rows and {w % pw} columns "
+                                 f"of every image. Use an img_size that is a multiple (e.g. {fits}), another "
+                                 "patch_size, or pad each image up to the grid with dynamic_img_pad=True and "
+                                 "dynamic_img_size=True.")
         attn_tokens = embed_dim if attn_tokens is None else attn_tokens
         ffn_tokens = 4 * attn_tokens if ffn_tokens is None else ffn_tokens
         weight = (2.0 if routing_target is not None else 0.0) if routing_loss_weight is None else routing_loss_weight
@@ -120,14 +130,10 @@ class TokenFormerViT(timm_vit.VisionTransformer):
 
     def grow(self, attn_tokens: int | None = None, ffn_tokens: int | None = None, *,
              generator: torch.Generator | None = None) -> None:
-        """Append zero-key parameter tokens to every block; the model's function is preserved exactly. The grown
-        tensors are new ``nn.Parameter`` objects: an optimizer holding the old ones must follow
-        (:func:`tokenformer_vision.growth.grow_training_state` does that).
-
-        Args:
-            attn_tokens, ffn_tokens: new token count (≥ current) of every attention projection / FFN; None: keep it.
-            generator: draws the new value tokens (identical on every rank and on resume when seeded).
-        """
+        """Append zero-key parameter tokens to every block (the function is preserved exactly): ``attn_tokens`` /
+        ``ffn_tokens`` (≥ current, None: keep) per attention projection / FFN; ``generator`` draws the new values.
+        The grown tensors are new ``nn.Parameter`` objects: an optimizer holding the old ones must follow
+        (:func:`tokenformer_vision.growth.grow_training_state` does that)."""
         have = self.token_counts
         for name, new in (("attn_tokens", attn_tokens), ("ffn_tokens", ffn_tokens)):
             if new is not None and (isinstance(new, bool) or not isinstance(new, int) or new < have[name]):
@@ -209,21 +215,6 @@ class TokenFormerViT(timm_vit.VisionTransformer):
             raise ValueError("token merging leaves no patch grid: NCHW intermediates (features_only, detection "
                              "backbones) need merge_tokens=0; output_fmt='NLC' gives the merged tokens")
         return super().forward_intermediates(x, *args, output_fmt=output_fmt, **kwargs)
-
-
-def _check_patch_grid(img_size: int | tuple[int, int] | None, patch_size: int | tuple[int, int],
-                      dynamic_img_pad: bool) -> None:
-    """The patch embedding floors the grid: an image side that is not a multiple of the patch side loses its
-    remainder without a word (30 px with patch 16: one patch, 14 px dropped), unless ``dynamic_img_pad`` pads it."""
-    if img_size is None or dynamic_img_pad:
-        return
-    (h, w), (ph, pw) = to_2tuple(img_size), to_2tuple(patch_size)
-    if h % ph or w % pw:
-        fits = f"{max(ph, round(h / ph) * ph)}×{max(pw, round(w / pw) * pw)}"
-        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}: the {h // ph}×{w // pw} "
-                         f"patch grid would leave out the last {h % ph} rows and {w % pw} columns of every image. Use "
-                         f"an img_size that is a multiple (e.g. {fits}), another patch_size, or pad each image up to "
-                         "the grid with dynamic_img_pad=True and dynamic_img_size=True.")
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: TokenFormerViT) -> dict[str, torch.Tensor]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
 from typing import Any
 
 import torch
@@ -20,9 +19,8 @@ __all__ = ["grow_checkpoint", "classifier_from_checkpoint"]
 
 
 def classifier_from_checkpoint(checkpoint: dict[str, Any], source: str = "the checkpoint") -> Any:
-    """The ImageClassifier of a checkpoint already read (built from its hyperparameters, grown to its token counts,
-    its weights loaded), on the CPU: what ``ImageClassifier.load_from_checkpoint`` gives, without reading the file
-    again."""
+    """The ImageClassifier of a checkpoint already read, on the CPU: ``ImageClassifier.load_from_checkpoint`` without
+    reading the file again (built from its hyperparameters, grown to its token counts, its weights loaded)."""
     from .classifier import ImageClassifier  # Lightning and the training stack: only for this command
 
     if not isinstance(checkpoint.get("state_dict"), dict):
@@ -72,5 +70,5 @@ def grow_checkpoint(ckpt_path: str, out: str, attn_tokens: int | None = None, ff
     checkpoint["state_dict"] = module.state_dict()
     checkpoint["optimizer_states"] = [opt.state_dict() for opt in optimizers]
     checkpoint["token_counts"] = dict(net.token_counts)
-    AtomicCheckpointIO().save_checkpoint(checkpoint, os.fspath(out))  # fsynced, renamed: never a partial file
+    AtomicCheckpointIO().save_checkpoint(checkpoint, out)  # fsynced, renamed: never a partial file
     return dict(net.token_counts)

@@ -86,11 +86,10 @@ class Pattention(nn.Module):
                              f"tokens, asked for {num_tokens!r}")
         if (extra := num_tokens - self.num_tokens) == 0:
             return
-        new_values = torch.randn(extra, self.out_features, generator=generator) * self.value_std
-        for name, rows in (("key_param", None), ("value_param", new_values)):
+        values = torch.randn(extra, self.out_features, generator=generator) * self.value_std
+        for name, rows in (("key_param", torch.zeros(extra, self.in_features)), ("value_param", values)):
             old = getattr(self, name)
-            rows = old.new_zeros(extra, old.shape[1]) if rows is None else rows.to(old.device, old.dtype)
-            new = nn.Parameter(torch.cat([old, rows]), requires_grad=old.requires_grad)
+            new = nn.Parameter(torch.cat([old, rows.to(old.device, old.dtype)]), requires_grad=old.requires_grad)
             # a pending gradient (mid accumulation) keeps its rows; the new tokens' rows are zero, as they took
             # no part in the forward that produced it
             if old.grad is not None:

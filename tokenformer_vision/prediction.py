@@ -13,7 +13,7 @@ import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-__all__ = ["PredictionWriter", "read_predictions"]
+__all__ = ["PredictionWriter"]
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -76,14 +76,3 @@ class PredictionWriter(BasePredictionWriter):
                                         *(cell for e in r["topk"] for cell in (e["class"], f"{e['prob']:.6f}")),
                                         *[f"{r['tlops']:.6f}" if "tlops" in r else ""] * routed] for r in records)])
 
-
-def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a file written by :class:`PredictionWriter` back as records ``{name, target, topk: [(class, p)]}``."""
-    path = os.fspath(path)
-    with open(path, newline="") as f:
-        if path.endswith(".json"):
-            return [{"name": r["name"], "target": r["target"],
-                     "topk": [(e["class"], float(e["prob"])) for e in r["topk"]]} for r in json.load(f)]
-        return [{"name": row["name"], "target": row["target"] or None,
-                 "topk": [(row[f"top{j}"], float(row[f"prob{j}"])) for j in range(1, len(row)) if f"top{j}" in row]}
-                for row in csv.DictReader(f)]

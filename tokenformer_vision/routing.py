@@ -13,21 +13,21 @@ Every block after the first has a router (:func:`make_router`) giving each token
 - **Capacity** (Mixture-of-Depths): each routed block processes the top ``capacity`` fraction of patch tokens by
   logit. Static shapes: training saves compute too and ``torch.compile`` needs no graph break.
 
-Compute is counted in token-layer operations (TLOps, :func:`tlops_fraction`).
+Compute is counted in token-layer operations (TLOps): the mean over blocks of the fraction of tokens each block
+processes (:class:`RoutingStats`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from timm.layers import Mlp
 from torch import nn
 
-__all__ = ["RoutingConfig", "RoutingStats", "make_router", "route_block", "routing_loss", "routing_stats",
-           "routing_depth_map", "tlops_fraction", "tlops_saving", "check_fraction"]
+__all__ = ["RoutingConfig", "RoutingStats", "routing_loss", "routing_stats", "routing_depth_map"]
 
 
 def check_fraction(name: str, value: float | None, allow_none: bool = False) -> float | None:
@@ -201,26 +201,6 @@ def routing_depth_map(blocks: Sequence[nn.Module]) -> torch.Tensor:
     return depth
 
 
-def tlops_fraction(block_fractions: Iterable[float] | torch.Tensor) -> float:
-    """Fraction of token-layer operations (TLOps) executed: the mean over all blocks (block 0: 1) of the fraction α_i
-    of tokens block i processed; the saving is one minus that."""
-    fractions = torch.as_tensor(list(block_fractions) if not torch.is_tensor(block_fractions) else block_fractions,
-                                dtype=torch.float64)
-    if fractions.numel() == 0:
-        raise ValueError("tlops_fraction needs at least one block")
-    if bool(((fractions < 0) | (fractions > 1)).any()):
-        raise ValueError(f"block fractions must lie in [0, 1], got {fractions.tolist()}")
-    return float(fractions.mean())
-
-
-def tlops_saving(alpha: float, depth: int) -> float:
-    """The paper's TLOps saving ``1 − (1 + (L − 1)·α)/L``, α the mean processed fraction of the L − 1 routed blocks."""
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-    check_fraction("alpha", alpha)
-    return 1.0 - (1.0 + (depth - 1) * alpha) / depth
-
-
 @dataclass
 class RoutingStats:
     """Token-layer operations of one or more forwards.
@@ -254,10 +234,3 @@ class RoutingStats:
     def per_image(self) -> torch.Tensor:
         """``[B]`` TLOps fraction of each image."""
         return self.processed.sum(0).double() / (self.depth * self.tokens)
-
-    def merge(self, other: RoutingStats) -> RoutingStats:
-        """Stats of both sets of images (same depth and token count)."""
-        if other.tokens != self.tokens or other.depth != self.depth:
-            raise ValueError(f"cannot merge routing stats of depth/tokens {self.depth}/{self.tokens} "
-                             f"with {other.depth}/{other.tokens}")
-        return RoutingStats(torch.cat([self.processed, other.processed.to(self.processed.device)], 1), self.tokens)

@@ -1,12 +1,10 @@
-"""Loading saved weights into a model, for the whole package: :func:`load_weights` takes any supported source (a
-Lightning ``.ckpt``, a ``.pth``, a ``.safetensors``, an export folder, or a checkpoint already read), picks EMA or
-raw weights, keeps, resets or drops the head, grows a TokenFormer to the saved token counts when asked, and raises
-one error naming what differs (embed_dim, depth, token counts, classes). Files are read with
+"""Loading saved weights into a model, for the whole package (:func:`load_weights`). Files are read with
 ``torch.load(weights_only=True)`` or safetensors only; a pickle that asks for anything else is refused by name."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import pickletools
@@ -40,22 +38,17 @@ HeadMode = Literal["keep", "reset", "drop", "auto"]
 
 def _imported_globals(path: Path) -> list[str]:
     """The ``module.name`` globals a pickle (plain or inside torch's zip format) imports, read without running it."""
-    try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except Exception:  # not torch's zip format: scan the raw pickle's opcodes
-        pass
+    with contextlib.suppress(Exception):  # not torch's zip format: scan the raw pickle's opcodes below
+        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     found, strings = [], []
-    try:
-        with open(path, "rb") as f:
-            for op, arg, _ in pickletools.genops(f):
-                if op.name == "GLOBAL":
-                    found.append(str(arg).replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    found.append(".".join(strings[-2:]))
-                elif isinstance(arg, str):
-                    strings.append(arg)
-    except Exception:  # truncated or not a pickle: report what was found so far
-        pass
+    with contextlib.suppress(Exception), open(path, "rb") as f:  # truncated or not a pickle: what was found so far
+        for op, arg, _ in pickletools.genops(f):
+            if op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
     return [g for g in dict.fromkeys(found) if not _TENSOR_GLOBALS.match(g)]
 
 
@@ -83,30 +76,23 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             names = ", ".join(f"`{g}`" for g in imports[:5])
             raise ValueError(f"refused to load {path}: the file asks to import {names}; weights need no imports "
                              "beyond tensors, so it is not loaded (it may be trying to run code)") from None
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]  # torch's message, without its advice
+        useful = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
         raise ValueError(f"cannot read checkpoint {path}: truncated or not a PyTorch checkpoint "
-                         f"({type(err).__name__}: {_first_line(err)})") from None
+                         f"({type(err).__name__}: {(useful or lines or [''])[0][:300]})") from None
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint")
     return dict(obj)
-
-
-def _first_line(err: BaseException) -> str:
-    """The message line of torch's errors that says what is wrong (not its advice)."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
-    return (useful or lines or [""])[0][:300]
 
 
 def select_weights(checkpoint: Mapping[str, Any], ema: bool | None = None) -> dict[str, torch.Tensor]:
     """The plain model state dict of a checkpoint (an ImageClassifier ``.ckpt``, a timm training checkpoint or a
     plain state dict), wrapper prefixes stripped by timm's ``clean_state_dict``. ``ema``: True: the EMA weights (an
     error when there are none); False: the raw weights; None: the EMA weights when present, else raw."""
-    state = next((checkpoint[k] for k in ("state_dict", "model") if isinstance(checkpoint.get(k), Mapping)),
-                 checkpoint)
+    state = next((checkpoint[k] for k in ("state_dict", "model") if isinstance(checkpoint.get(k), Mapping)), checkpoint)
     ema_state = next((checkpoint[k] for k in ("state_dict_ema", "model_ema")  # timm's train.py layouts
-                      if isinstance(checkpoint.get(k), Mapping)), None)
-    if ema_state is None:
-        ema_state = {k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
+                      if isinstance(checkpoint.get(k), Mapping)),
+                     {k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)})
     if ema or (ema is None and ema_state):
         if not ema_state:
             raise ValueError(f"the checkpoint has no EMA weights (no '{EMA_PREFIX}*' keys): load the raw weights "
@@ -184,23 +170,6 @@ def grow_to_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None
     model.grow(**saved)
 
 
-def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
-    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
-    return tuple(f"{h}." for h in ((classifier,) if isinstance(classifier, str) else classifier))
-
-
-def _read_source(source: Source) -> tuple[Mapping[str, Any], str]:
-    """``(checkpoint or state dict, its name for messages)``; an export folder is its ``model.safetensors``."""
-    if isinstance(source, Mapping):
-        return source, "the given weights"
-    path = Path(source)
-    if path.is_dir():
-        if not (path / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path}: not an export folder")
-        path = path / WEIGHTS_FILE
-    return read_checkpoint(path), str(path)
-
-
 def load_weights(model: nn.Module, source: Source, *, ema: bool | None = None, head: HeadMode = "keep",
                  grow: bool = False, name: str | None = None) -> dict[str, Any]:
     """Load ``source`` into ``model`` in place: the one way the package loads weights.
@@ -223,17 +192,26 @@ def load_weights(model: nn.Module, source: Source, *, ema: bool | None = None, h
     """
     if head not in ("keep", "reset", "drop", "auto"):
         raise ValueError(f"head must be 'keep', 'reset', 'drop' or 'auto', got {head!r}")
-    checkpoint, read_name = _read_source(source)
-    name = name or read_name
+    if isinstance(source, Mapping):
+        checkpoint, name = source, name or "the given weights"
+    else:
+        path = Path(source)
+        if path.is_dir():  # an export folder: its model.safetensors
+            if not (path / WEIGHTS_FILE).is_file():
+                raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path}: not an export folder")
+            path = path / WEIGHTS_FILE
+        checkpoint, name = read_checkpoint(path), name or str(path)
     state = select_weights(checkpoint, ema=ema)
     state = {k.replace(".mlp.", ".ffn.") if k.startswith("blocks.") else k: v for k, v in state.items()}
-    model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    model_name = cfg.get("architecture") or type(model).__name__
     if not any(k.startswith("blocks.") for k in state):
         raise ValueError(f"{name} holds no transformer blocks ('blocks.N.*' keys): not weights of a ViT")
-    if isinstance(counts := checkpoint.get("token_counts"), Mapping) and (real := token_counts(state)) \
-            and dict(counts) != real:
+    real = token_counts(state)
+    if isinstance(counts := checkpoint.get("token_counts"), Mapping) and real and dict(counts) != real:
         raise ValueError(f"{name} is inconsistent: its token_counts say {dict(counts)}, its weights have {real}")
-    heads = _head_prefixes(model)
+    classifier = cfg.get("classifier", "head")
+    heads = tuple(f"{h}." for h in ((classifier,) if isinstance(classifier, str) else classifier))
     saved_head = {k: v for k, v in state.items() if k.startswith(heads)}
     classes, want = head_classes(state), getattr(model, "num_classes", None)
     if head == "auto":
@@ -245,15 +223,15 @@ def load_weights(model: nn.Module, source: Source, *, ema: bool | None = None, h
     if other:
         raise ValueError(f"{name} does not fit {model_name}: the weights are of another model ({', '.join(other)})")
     diffs = []
-    if not grow and (real := token_counts(state)) and getattr(model, "token_counts", None):
+    if not grow and real and getattr(model, "token_counts", None):
         diffs += [f"{k} {v} in the weights vs {model.token_counts[k]} in the model" for k, v in real.items()
                   if v != model.token_counts[k]]
     if head == "keep" and classes != (want or 0) and (saved_head or want):
         diffs.append(f"num_classes {classes} in the weights vs {want} in the model")
     if diffs:
-        hints = (["head='reset' fine-tunes to the model's classes"] if any("num_classes" in d for d in diffs) else []) \
-            + (["grow=True grows the model to the weights' tokens"] if any("tokens" in d for d in diffs) and not grow
-               else [])
+        hints = [hint for key, hint in (("num_classes", "head='reset' fine-tunes to the model's classes"),
+                                        ("tokens", "grow=True grows the model to the weights' tokens"))
+                 if any(key in d for d in diffs)]
         raise ValueError(f"{name} does not fit {model_name}: {'; '.join(diffs)}"
                          + (f" ({'; '.join(hints)})" if hints else ""))
     if head == "drop" and want:
@@ -267,9 +245,8 @@ def load_weights(model: nn.Module, source: Source, *, ema: bool | None = None, h
             loaded = filter_fn(loaded, model)
     except (KeyError, RuntimeError, ValueError) as err:  # timm's filters fail on foreign layouts with raw errors
         raise ValueError(f"{name} does not fit {model_name}: {err}") from err
-    own = model.state_dict()
     if head != "keep":
-        loaded = {**loaded, **{k: v for k, v in own.items() if k.startswith(heads)}}
+        loaded = {**loaded, **{k: v for k, v in model.state_dict().items() if k.startswith(heads)}}
     if problem := describe_mismatch(model, loaded):
         raise ValueError(f"{name} does not fit {model_name}: {problem}")
     model.load_state_dict(loaded, strict=True)

@@ -162,7 +162,8 @@ def train(args: argparse.Namespace, name: str, seed: int, routing: dict[str, Any
     state = {k.removeprefix("model."): v for k, v in result.state_dict.items() if k.startswith("model.")}
     return {"state": state, "train_wall_s": round(result.train_wall_s, 1),
             "train_images_per_s": round(result.train_images_per_s, 1), "train_flops": result.train_flops,
-            "val_acc1": result.history[-1].get("val/acc1") if result.history else None}
+            "val_acc1": result.history[-1].get("val/acc1") if result.history else None,
+            "val_acc1_per_epoch": [h.get("val/acc1") for h in result.history]}
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -347,6 +348,7 @@ def main() -> None:
             save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
     results: dict[tuple[str, str, int], dict[str, Any]] = {}
+    base_runs: dict[int, dict[str, Any]] = {}  # the base models' training (per-epoch validation: converged?)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max(1, args.jobs), mp_context=ctx) as pool:
         # stage 1: the base models (skipped for seeds whose every row is saved, or whose base is)
@@ -373,9 +375,10 @@ def main() -> None:
                 if not isinstance(base, dict):
                     out = base.result()
                     save("base", seed, out["state"])
-                    print(f"seed {seed} base: {out['train_images_per_s']} train img/s, val acc1 {out['val_acc1']}",
-                          flush=True)
+                    print(f"seed {seed} base: {out['train_images_per_s']} train img/s, val acc1 per epoch "
+                          f"{out['val_acc1_per_epoch']}", flush=True)
                     bases[seed] = base = out["state"]
+                    base_runs[seed] = {k: v for k, v in out.items() if k != "state"}
                 futures[(method, setting, seed)] = pool.submit(
                     train, args, row, seed, routing, args.finetune_epochs, base, args.finetune_lr,
                     min(args.warmup_epochs, 0.1 * args.finetune_epochs))
@@ -427,7 +430,8 @@ def main() -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {"args": vars(args), "machine_start": info, "machine_end": {"loadavg": load()},
-              "wall_seconds": round(time.perf_counter() - started, 1), "goals": goals, "rows": rows}
+              "wall_seconds": round(time.perf_counter() - started, 1), "goals": goals,
+              "base_runs": base_runs, "rows": rows}
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     (out / f"{args.name}.md").write_text(markdown(rows))
     title = (f"Fashion-MNIST {args.img_size}² patch {args.patch_size}, d {args.dim}, depth {args.depth}, "

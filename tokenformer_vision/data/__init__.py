@@ -9,11 +9,12 @@ dm.set_epoch(3)                         # train batches of epoch 3: a function o
 ```
 """
 
-from . import datamodule, digits, folder, idx, transforms
-from .datamodule import *  # noqa: F403
-from .digits import *  # noqa: F403
-from .folder import *  # noqa: F403
-from .idx import *  # noqa: F403
-from .transforms import *  # noqa: F403
+from .datamodule import ImageClassificationDataModule
+from .digits import DigitsDataModule
+from .folder import ImageFolderDataModule, ImageNetDataModule, load_rgb
+from .idx import FASHION_MNIST_CLASSES, IDXDataModule, find_idx_files, read_idx
+from .transforms import build_transforms, reseed_transform
 
-__all__ = sorted(datamodule.__all__ + digits.__all__ + folder.__all__ + idx.__all__ + transforms.__all__)
+__all__ = ["FASHION_MNIST_CLASSES", "DigitsDataModule", "IDXDataModule", "ImageClassificationDataModule",
+           "ImageFolderDataModule", "ImageNetDataModule", "build_transforms", "find_idx_files", "load_rgb", "read_idx",
+           "reseed_transform"]

@@ -10,13 +10,12 @@ DataLoader (:class:`ResumableDataLoader`) is saved in Lightning checkpoints: a f
 from __future__ import annotations
 
 import functools
-import inspect
 import multiprocessing
 import multiprocessing.context
 import os
 import random
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -26,8 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 
 from .transforms import build_transforms, resolve_transform_config
 
-__all__ = ["EpochSampler", "ImageClassificationDataModule", "SkipCounter", "collate_skip_none", "default_num_workers",
-           "derive_seed", "seed_worker"]
+__all__ = ["ImageClassificationDataModule"]
 
 
 class SkipCounter:
@@ -195,57 +193,34 @@ def default_num_workers() -> int:
     return max(0, min(8, cores - 1))
 
 
-# One help line per __init__ argument: jsonargparse (LightningCLI --help) reads Google-style "name: text" lines,
-# and a line naming several arguments documents none of them. "None: ..." says what an unset argument means.
-_ARG_HELP = {
-    "root": "dataset root holding the split folders (ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG).",
-    "img_size": "input size, an int or (height, width); None: the pretrained cfg of model_name, else 224.",
-    "batch_size": "images per batch (per process).",
-    "num_workers": "DataLoader worker processes (per process); None: usable CPU cores - 1, at most 8.",
-    "model_name": "timm model whose pretrained cfg supplies the preprocessing defaults.",
-    "crop_pct": "eval crop: resize the shorter side to img_size / crop_pct, centre-crop; None: model's, else 0.875.",
-    "mean": "per-channel normalisation mean on a 0..1 scale; None: the model's, else ImageNet's.",
-    "std": "per-channel normalisation standard deviation; None: the model's, else ImageNet's.",
-    "interpolation": "resize interpolation (nearest, bilinear, bicubic, area, lanczos); None: model's, else bicubic.",
-    "train_split": "name of the train split folder under root.",
-    "val_split": "name of the validation split folder under root.",
-    "test_split": "name of the test split folder under root; None: val_split.",
-    "predict_split": "name of the predict split folder under root; None: val_split.",
-    "predict_root": "folder of images (searched recursively) to predict instead of a split; an image in a folder "
-                    "named like a class gets that class as target, others -1.",
-    "hflip": "training horizontal-flip probability.",
-    "rand_augment": "apply the RandAugment policy in training.",
-    "ra_num_ops": "RandAugment operations drawn per image.",
-    "ra_magnitude": "RandAugment magnitude on timm's 0..10 scale.",
-    "random_erasing": "training random-erasing probability.",
-    "scale": "RandomResizedCrop area range (min, max), as fractions of the image.",
-    "affine": "probability of a mild random affine (rotation, shift, zoom, shear) in training.",
-    "fill": "colour of areas uncovered by geometric augmentation or padding; None: the mean colour.",
-    "pin_memory": "pin batches in page-locked memory (only when CUDA is available).",
-    "persistent_workers": "keep DataLoader workers alive between epochs.",
-    "drop_last": "drop the last partial training batch.",
-    "seed": "seed of the training shuffle and augmentation; each epoch's streams derive from (seed, epoch).",
-}
-
-
-def _document_args(**specific: str) -> Callable[[type], type]:
-    """Class decorator appending an ``Args:`` line per ``__init__`` parameter (``specific``, else ``_ARG_HELP``)."""
-
-    def decorate(cls: type) -> type:
-        helps = {**_ARG_HELP, **specific}
-        args = "".join(f"    {name}: {helps[name]}\n" for name in list(inspect.signature(cls.__init__).parameters)[1:])
-        cls.__doc__ = f"{inspect.cleandoc(cls.__doc__ or '')}\n\nArgs:\n{args}"
-        return cls
-
-    return decorate
-
-
-@_document_args()
 class ImageClassificationDataModule(L.LightningDataModule):
     """Common part of the data modules: transform settings, DataLoaders (workers, pinning, reseeding, skipping),
     epoch-seeded training streams saved in checkpoints. Subclasses set ``class_names`` in ``__init__``, implement
     :meth:`_make_dataset` and :meth:`predict_names`, and save their hyper-parameters without ``model_name`` and
-    ``img_size``: those are the model's, and a second copy would clash when Lightning merges both modules'."""
+    ``img_size``: those are the model's, and a second copy would clash when Lightning merges both modules'.
+
+    Args:
+        img_size: input size, an int or (height, width); None: the pretrained cfg of model_name, else 224.
+        batch_size: images per batch (per process).
+        num_workers: DataLoader worker processes (per process); None: usable CPU cores - 1, at most 8.
+        model_name: timm model whose pretrained cfg supplies the preprocessing defaults.
+        crop_pct: eval crop: resize the shorter side to img_size / crop_pct, centre-crop; None: model's, else 0.875.
+        mean: per-channel normalisation mean on a 0..1 scale; None: the model's, else ImageNet's.
+        std: per-channel normalisation standard deviation; None: the model's, else ImageNet's.
+        interpolation: resize interpolation (nearest, bilinear, bicubic, area, lanczos); None: model's, else bicubic.
+        hflip: training horizontal-flip probability.
+        rand_augment: apply the RandAugment policy in training.
+        ra_num_ops: RandAugment operations drawn per image.
+        ra_magnitude: RandAugment magnitude on timm's 0..10 scale.
+        random_erasing: training random-erasing probability.
+        scale: RandomResizedCrop area range (min, max), as fractions of the image.
+        affine: probability of a mild random affine (rotation, shift, zoom, shear) in training.
+        fill: colour of areas uncovered by geometric augmentation or padding; None: the mean colour.
+        pin_memory: pin batches in page-locked memory (only when CUDA is available).
+        persistent_workers: keep DataLoader workers alive between epochs.
+        drop_last: drop the last partial training batch.
+        seed: seed of the training shuffle and augmentation; each epoch's streams derive from (seed, epoch).
+    """
 
     def __init__(
         self, img_size: int | tuple[int, int] | None = None, batch_size: int = 64, num_workers: int | None = None,
@@ -390,6 +365,3 @@ class ImageClassificationDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
 
-
-# the arguments that subclasses pass on to ImageClassificationDataModule.__init__ (from their locals())
-_BASE_ARGS = frozenset(list(inspect.signature(ImageClassificationDataModule.__init__).parameters)[1:])

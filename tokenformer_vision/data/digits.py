@@ -7,11 +7,11 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from .datamodule import _BASE_ARGS, ImageClassificationDataModule, _document_args
+from .datamodule import ImageClassificationDataModule
 from .folder import ArrayDataset
 from .transforms import interpolation_flag
 
-__all__ = ["DigitsDataModule", "load_digits_rgb", "split_digits"]
+__all__ = ["DigitsDataModule"]
 
 
 def load_digits_rgb() -> tuple[np.ndarray, np.ndarray]:
@@ -34,19 +34,34 @@ def split_digits(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[n
     return np.sort(train_idx), np.sort(val_idx)
 
 
-@_document_args(
-    img_size="input size, an int or (height, width); the 8x8 digits are upscaled to it once.",
-    num_workers="DataLoader worker processes (per process); the images are in memory, so 0 is usually fastest.",
-    val_fraction="fraction of the images held out (stratified) for validation, test and predict.",
-    seed="seed of the train/val split and of the training shuffle and augmentation (per epoch: (seed, epoch)).",
-    mean="per-channel normalisation mean on a 0..1 scale; None: the training pixels' mean.",
-    std="per-channel normalisation standard deviation; None: the training pixels' standard deviation.",
-    fill="colour of areas uncovered by geometric augmentation; 0: black, the background; None: the mean colour.",
-)
 class DigitsDataModule(ImageClassificationDataModule):
     """scikit-learn's digits as a 10-class image dataset (class names ``"0"`` .. ``"9"``), upscaled once to
     ``img_size`` so that crops and affines act on a fine grid; mild, flip-free augmentation (digits are not mirror
-    symmetric)."""
+    symmetric). Options not listed here are those of :class:`ImageClassificationDataModule`, with other defaults.
+
+    Args:
+        img_size: input size, an int or (height, width); the 8x8 digits are upscaled to it once.
+        batch_size: images per batch (per process).
+        num_workers: DataLoader worker processes (per process); the images are in memory, so 0 is usually fastest.
+        val_fraction: fraction of the images held out (stratified) for validation, test and predict.
+        seed: seed of the train/val split and of the training shuffle and augmentation (per epoch: (seed, epoch)).
+        model_name: timm model whose pretrained cfg supplies the preprocessing defaults.
+        crop_pct: eval crop: resize the shorter side to img_size / crop_pct, centre-crop.
+        mean: per-channel normalisation mean on a 0..1 scale; None: the training pixels' mean.
+        std: per-channel normalisation standard deviation; None: the training pixels' standard deviation.
+        interpolation: resize interpolation (nearest, bilinear, bicubic, area, lanczos).
+        hflip: training horizontal-flip probability.
+        rand_augment: apply the RandAugment policy in training.
+        ra_num_ops: RandAugment operations drawn per image.
+        ra_magnitude: RandAugment magnitude on timm's 0..10 scale.
+        random_erasing: training random-erasing probability.
+        scale: RandomResizedCrop area range (min, max), as fractions of the image.
+        affine: probability of a mild random affine (rotation, shift, zoom, shear) in training.
+        fill: colour of areas uncovered by geometric augmentation; 0: black, the background; None: the mean colour.
+        pin_memory: pin batches in page-locked memory (only when CUDA is available).
+        persistent_workers: keep DataLoader workers alive between epochs.
+        drop_last: drop the last partial training batch.
+    """
 
     def __init__(
         self, img_size: int | tuple[int, int] | None = 32, batch_size: int = 64, num_workers: int = 0,
@@ -62,7 +77,11 @@ class DigitsDataModule(ImageClassificationDataModule):
         pixels = images[self.train_indices, ..., 0] / 255.0  # all channels equal
         mean = mean if mean is not None else (float(pixels.mean()),) * 3
         std = std if std is not None else (float(pixels.std()),) * 3
-        super().__init__(**{name: value for name, value in locals().items() if name in _BASE_ARGS})
+        super().__init__(img_size=img_size, batch_size=batch_size, num_workers=num_workers, model_name=model_name,
+                         crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation, hflip=hflip,
+                         rand_augment=rand_augment, ra_num_ops=ra_num_ops, ra_magnitude=ra_magnitude,
+                         random_erasing=random_erasing, scale=scale, affine=affine, fill=fill, pin_memory=pin_memory,
+                         persistent_workers=persistent_workers, drop_last=drop_last, seed=seed)
         self.save_hyperparameters(ignore=["model_name", "img_size"])
         self.val_fraction = val_fraction
         self.class_names = [str(i) for i in range(10)]

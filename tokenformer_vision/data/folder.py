@@ -13,11 +13,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-from .datamodule import _BASE_ARGS, ImageClassificationDataModule, SkipCounter, _document_args
+from .datamodule import ImageClassificationDataModule, SkipCounter
 from .transforms import reseed_transform
 
-__all__ = ["ArrayDataset", "ImageFileDataset", "ImageFolderDataModule", "ImageNetDataModule", "empty_class_folders",
-           "find_class_names", "list_images", "load_rgb", "scan_split"]
+__all__ = ["ImageFolderDataModule", "ImageNetDataModule", "load_rgb"]
 
 LAYOUT_HELP = (
     "Expected the ImageNet folder layout:\n"
@@ -154,24 +153,26 @@ class ArrayDataset(ImageFileDataset):
         return self.images[index]
 
 
-@_document_args()
 class ImageFolderDataModule(ImageClassificationDataModule):
     """Image classification data in the ImageNet folder layout (``root/{train,val}/<class>/*.JPEG``): classes are
     the sorted train class folder names; every train class folder needs an image (checked at construction), val/test
-    need the same class folders, which may be empty."""
+    need the same class folders, which may be empty.
 
-    def __init__(
-        self, root: str, img_size: int | tuple[int, int] | None = None, batch_size: int = 64,
-        num_workers: int | None = None, model_name: str | None = None, crop_pct: float | None = None,
-        mean: tuple[float, float, float] | None = None, std: tuple[float, float, float] | None = None,
-        interpolation: str | None = None, train_split: str = "train", val_split: str = "val",
-        test_split: str | None = None, predict_split: str | None = None, predict_root: str | None = None,
-        hflip: float = 0.5, rand_augment: bool = True, ra_num_ops: int = 2, ra_magnitude: float = 9.0,
-        random_erasing: float = 0.0, scale: tuple[float, float] = (0.08, 1.0), affine: float = 0.0,
-        fill: int | tuple[int, int, int] | None = None, pin_memory: bool = True, persistent_workers: bool = True,
-        drop_last: bool = True, seed: int = 0,
-    ) -> None:
-        super().__init__(**{name: value for name, value in locals().items() if name in _BASE_ARGS})
+    Args:
+        root: dataset root holding the split folders (ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG).
+        train_split: name of the train split folder under root.
+        val_split: name of the validation split folder under root.
+        test_split: name of the test split folder under root; None: val_split.
+        predict_split: name of the predict split folder under root; None: val_split.
+        predict_root: folder of images (searched recursively) to predict instead of a split; an image in a folder
+            named like a class gets that class as target, others -1.
+        **kwargs: transform and DataLoader options of :class:`ImageClassificationDataModule` (img_size, batch_size,
+            num_workers, hflip, rand_augment, ...).
+    """
+
+    def __init__(self, root: str, train_split: str = "train", val_split: str = "val", test_split: str | None = None,
+                 predict_split: str | None = None, predict_root: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["model_name", "img_size"])
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -225,6 +226,5 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         return [path for path, _ in self.dataset("predict").samples]
 
 
-@_document_args()
 class ImageNetDataModule(ImageFolderDataModule):
     """:class:`ImageFolderDataModule` under the name of its main use (ImageNet-1k in the standard layout)."""

@@ -16,8 +16,7 @@ from albumentations.pytorch import ToTensorV2
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
 from timm.models import get_pretrained_cfg
 
-__all__ = ["TransformConfig", "build_transforms", "interpolation_flag", "rand_augment_policy", "reseed_transform",
-           "resolve_transform_config"]
+__all__ = ["build_transforms", "reseed_transform"]
 
 # timm / PIL interpolation names -> OpenCV flags; timm's "random" (bilinear or bicubic per image) becomes bilinear
 _INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "linear": cv2.INTER_LINEAR,

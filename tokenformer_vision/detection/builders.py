@@ -60,7 +60,8 @@ def fasterrcnn_tokenformer(backbone_name: str = "tokenformer_base", num_classes:
         **kwargs: passed to ``torchvision.models.detection.FasterRCNN`` (``min_size``, ``max_size``,
             ``box_score_thresh``, ...). Anchors, RoI pooler and image mean/std default to the backbone's.
     """
-    return _build(FasterRCNN, **locals())
+    return _build(FasterRCNN, backbone_name, num_classes, backbone_weights, trainable_layers, grad_checkpointing,
+                  backbone_kwargs, kwargs)
 
 
 def maskrcnn_tokenformer(backbone_name: str = "tokenformer_base", num_classes: int = 91,
@@ -68,7 +69,8 @@ def maskrcnn_tokenformer(backbone_name: str = "tokenformer_base", num_classes: i
                          grad_checkpointing: bool = False, *, backbone_kwargs: Mapping[str, Any] | None = None,
                          **kwargs: Any) -> MaskRCNN:
     """Mask R-CNN on a TokenFormer trunk; arguments as :func:`fasterrcnn_tokenformer` (kwargs go to ``MaskRCNN``)."""
-    return _build(MaskRCNN, **locals())
+    return _build(MaskRCNN, backbone_name, num_classes, backbone_weights, trainable_layers, grad_checkpointing,
+                  backbone_kwargs, kwargs)
 
 
 def retinanet_tokenformer(backbone_name: str = "tokenformer_base", num_classes: int = 91,
@@ -78,4 +80,5 @@ def retinanet_tokenformer(backbone_name: str = "tokenformer_base", num_classes: 
     """RetinaNet on a TokenFormer trunk; arguments as :func:`fasterrcnn_tokenformer` (kwargs go to ``RetinaNet``).
     The pyramid defaults to RetinaNet's levels, strides 8/16/32 plus P6/P7 convs (64/128), with torchvision's anchors
     (4 × stride at 3 octaves); ``backbone_kwargs=dict(scale_factors=..., top_block=...)`` changes the layout."""
-    return _build(RetinaNet, **locals())
+    return _build(RetinaNet, backbone_name, num_classes, backbone_weights, trainable_layers, grad_checkpointing,
+                  backbone_kwargs, kwargs)
