@@ -16,7 +16,7 @@ from .merging import TokenMerging
 from .pattention import Pattention
 from .routing import RoutingConfig, make_router, route_block
 
-__all__ = ["PattentionAttention", "TokenFormerBlock", "PattentionPatchEmbed"]
+__all__ = ["PattentionAttention", "TokenFormerBlock"]
 
 
 class PattentionAttention(nn.Module):

@@ -26,8 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .weights import read_checkpoint
 
-__all__ = ["AtomicCheckpointIO", "LastAndBestCheckpoint", "check_writable", "load_checkpoint_or_none",
-           "resolve_checkpoint", "with_atomic_checkpoint_io"]
+__all__ = ["AtomicCheckpointIO", "LastAndBestCheckpoint"]
 
 
 def _local_path(path: str | os.PathLike[str]) -> str | None:

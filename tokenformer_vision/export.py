@@ -18,8 +18,7 @@ from torch import nn
 
 from .weights import head_classes, load_weights, read_checkpoint
 
-__all__ = ["WEIGHTS_NAME", "CONFIG_NAME", "ONNX_NAME", "export_checkpoint",
-           "save_timm_weights", "load_exported", "export_onnx", "check_onnx"]
+__all__ = ["export_checkpoint", "load_exported", "save_timm_weights", "export_onnx"]
 
 WEIGHTS_NAME, CONFIG_NAME, ONNX_NAME = "model.safetensors", "config.json", "model.onnx"
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["GrownParameter", "grow_model", "grow_optimizer", "grow_param_state", "grow_ema", "grow_training_state"]
+__all__ = ["grow_training_state", "grow_model", "grow_optimizer", "grow_ema"]
 
 SecondMoment = Literal["mean", "zero"]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TokenMerging", "check_rate", "merge_pairs"]
+__all__ = ["TokenMerging"]
 
 
 def check_rate(value: int) -> int:

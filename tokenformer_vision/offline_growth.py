@@ -15,7 +15,7 @@ from .export import _example_input
 from .growth import grow_training_state
 from .weights import read_checkpoint
 
-__all__ = ["grow_checkpoint", "classifier_from_checkpoint"]
+__all__ = ["grow_checkpoint"]
 
 
 def classifier_from_checkpoint(checkpoint: dict[str, Any], source: str = "the checkpoint") -> Any:

@@ -21,8 +21,7 @@ from safetensors.torch import load_file
 from timm.models import clean_state_dict
 from torch import nn
 
-__all__ = ["load_weights", "read_checkpoint", "select_weights", "token_counts", "head_classes", "architecture",
-           "describe_mismatch", "grow_to_weights"]
+__all__ = ["load_weights", "read_checkpoint", "select_weights", "token_counts", "architecture"]
 
 # Prefix of the timm model inside ImageClassifier's state dict, and of its EMA copy (timm ModelEmaV3 at ``.ema``).
 MODEL_PREFIX, EMA_PREFIX = "model.", "ema.module."
