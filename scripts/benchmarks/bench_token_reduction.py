@@ -1,9 +1,9 @@
 """Token reduction on Fashion-MNIST: test accuracy against measured inference throughput, all in one run
-(docs/benchmarks.md, "Token reduction").
+(docs/benchmarks.md, "Token reduction on trained models").
 
-One model family (a small TokenFormer at patch 2: 196 patches + cls), Fashion-MNIST through ``IDXDataModule``,
-every model trained by :func:`benchlib.harness.train_eval` (``ImageClassifier`` + DataModule + Lightning
-``Trainer``, the shared recipe of ``benchlib.runs``). Per seed:
+One model family (a small TokenFormer at 40² in 4×4 patches: 100 patches + cls), Fashion-MNIST through
+``IDXDataModule``, every model trained by :func:`benchlib.harness.train_eval` (``ImageClassifier`` + DataModule +
+Lightning ``Trainer``, the shared recipe of ``benchlib.runs``). Per seed:
 
 1. a base model is trained unrouted for ``--epochs``;
 2. from its weights, each row is trained ``--finetune-epochs`` more with the same recipe, so that every row has the
@@ -23,8 +23,8 @@ the fraction of the unrouted model's token-block operations executed (TLOps, exa
 per block). For the routed models, the Pearson correlation between a patch's depth (blocks it went through) and its
 pixel variance, raw and within patch position.
 
-    # CPU defaults (d 48, depth 4, 3 seeds, 2 + 0.25 epochs; two runs at a time on a 2-core machine): about 50 min,
-    # estimated from the measured training throughput (not converged models: use the GPU size for those)
+    # the defaults (d 48, 4 blocks, 40² at patch 4 = 100 patches, 3 seeds × (10 + 1) epochs, two runs at a time):
+    # the table of docs/benchmarks.md, 70 min on a shared 2-core CPU
     OMP_NUM_THREADS=1 python scripts/benchmarks/bench_token_reduction.py --jobs 2 --threads 1 \\
         --save-weights /tmp/tr_weights --out-dir docs/benchmarks
     # the table again from the saved weights (no training: evaluation and timing only, a few minutes)
@@ -276,14 +276,15 @@ def summarise(runs: dict[tuple[str, str], list[dict]], times: dict, args: argpar
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_recipe_args(parser, epochs=2)
-    parser.set_defaults(patch_size=2, depth=4, jobs=2, workers=0, lr=2e-3, warmup_epochs=0.5)
-    parser.add_argument("--img-size", type=int, default=28, help="input size (Fashion-MNIST upscaled above 28)")
+    add_recipe_args(parser, epochs=10)
+    parser.set_defaults(patch_size=4, depth=4, jobs=2, workers=0, lr=2e-3, warmup_epochs=0.5)
+    parser.add_argument("--img-size", type=int, default=40,
+                        help="input size (Fashion-MNIST resized once; 40 at patch 4: 100 patches)")
     parser.add_argument("--dim", type=int, default=48)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--pool", default="avg", help="global_pool: 'avg' (size-weighted under merging) or 'token'")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--finetune-epochs", type=float, default=0.25,
+    parser.add_argument("--finetune-epochs", type=float, default=1.0,
                         help="epochs of every row after the base model (below 1: that fraction of one epoch)")
     parser.add_argument("--finetune-lr", type=float, default=5e-4)
     parser.add_argument("--routed-from", choices=["unrouted", "scratch"], default="unrouted",
@@ -294,7 +295,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-fraction", type=float, default=0.25,
                         help="threshold routing: per-block minimum fraction of patch tokens processed")
     parser.add_argument("--capacities", type=float, nargs="+", default=[0.75, 0.5])
-    parser.add_argument("--merge-rates", type=int, nargs="+", default=[16, 24, 32, 40, 48])
+    parser.add_argument("--merge-rates", type=int, nargs="+", default=[8, 12, 16, 20, 24])
     parser.add_argument("--infer-batch", type=int, default=128)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
