@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from tokenformer_vision.data import (
     DigitsDataModule,
+    ImageClassificationDataModule,
     ImageFolderDataModule,
     ImageNetDataModule,
     build_transforms,
@@ -379,12 +380,16 @@ def test_every_datamodule_argument_has_its_own_cli_help():
 
     from lightning.pytorch.cli import LightningArgumentParser
 
+    base = [n for n in inspect.signature(ImageClassificationDataModule.__init__).parameters if n != "self"]
     for cls in (ImageFolderDataModule, ImageNetDataModule, DigitsDataModule):
         parser = LightningArgumentParser()
         parser.add_class_arguments(cls, "data")
         helps = {action.dest: action.help for action in parser._actions}
-        names = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
-        assert len(names) > 15
+        params = inspect.signature(cls.__init__).parameters
+        own = [n for n, p in params.items() if n != "self" and p.kind != p.VAR_KEYWORD]
+        # options passed on through **kwargs are the base class's: the CLI must list and document them too
+        names = own + [n for n in base if n not in own] if "kwargs" in params else own
+        assert len(names) > 15 and set(base) <= set(names), (cls.__name__, names)
         for name in names:
             text = helps.get(f"data.{name}")
             assert isinstance(text, str) and len(text) > 10, (cls.__name__, name, text)
