@@ -7,7 +7,10 @@ Trainer, the path a user's ``tokenformer-vision fit`` takes).
         --device cuda --out growth.json --plot growth.png
 
 Sized for one GPU (``scripts/gpu_check.sh`` runs it): 12 runs of 16 epochs at patch 4 are about 8 hours of a
-2-core CPU. The results so far on digits (the earlier version of this study) are in docs/benchmarks.md.
+2-core CPU. The CPU size of docs/benchmarks.md (patch 7, 8 epochs, 3 seeds) took 40 minutes on 2 cores:
+
+    OMP_NUM_THREADS=1 python scripts/benchmarks/growth_experiment.py --seeds 0 1 2 --epochs 8 --patch-size 7 \
+        --jobs 2 --threads 1 --workers 0 --out growth_fmnist_p7.json --plot growth_fmnist_p7.png
 
 Model: ``tokenformer_tiny``'s shell at d = ``--width`` (64), ``--depth`` (6) blocks, patch 4 (49 patches + cls),
 grayscale 28². Widths: small ``--small`` (4 / 16 attention / FFN parameter tokens), mid ``--mid`` (16 / 64),
@@ -62,6 +65,7 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
             start, schedule, rewarm = arms[name]
             out.append(tokenformer_spec(f"growth_{name}", args.width, start[0], start[1], seed, args,
                                         arm=name, growth=schedule, rewarm_steps=rewarm, test_every_epoch=True,
+                                        second_moment=args.second_moment,
                                         overrides={"epochs": args.epochs}))
     return out
 
@@ -153,6 +157,8 @@ def add_growth_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mid", type=int, nargs=2, default=[16, 64])
     parser.add_argument("--large", type=int, nargs=2, default=[64, 256])
     parser.add_argument("--rewarm-steps", type=int, default=200)
+    parser.add_argument("--second-moment", choices=["mean", "zero"], default="mean",
+                        help="GrowthCallback second_moment: Adam's second moment of the new rows")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=["large", "small", "grow_1/4_rewarm",
                                                                           "grow2", "grow_1/2"])
 
