@@ -37,30 +37,19 @@ def split_digits(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[n
 class DigitsDataModule(ImageClassificationDataModule):
     """scikit-learn's digits as a 10-class image dataset (class names ``"0"`` .. ``"9"``), upscaled once to
     ``img_size`` so that crops and affines act on a fine grid; mild, flip-free augmentation (digits are not mirror
-    symmetric). Options not listed here are those of :class:`ImageClassificationDataModule`, with other defaults.
+    symmetric). Options not listed here mean what they mean for :class:`ImageClassificationDataModule`, with other
+    defaults.
 
     Args:
         img_size: input size, an int or (height, width); the 8x8 digits are upscaled to it once.
-        batch_size: images per batch (per process).
         num_workers: DataLoader worker processes (per process); the images are in memory, so 0 is usually fastest.
         val_fraction: fraction of the images held out (stratified) for validation, test and predict.
         seed: seed of the train/val split and of the training shuffle and augmentation (per epoch: (seed, epoch)).
-        model_name: timm model whose pretrained cfg supplies the preprocessing defaults.
         crop_pct: eval crop: resize the shorter side to img_size / crop_pct, centre-crop.
         mean: per-channel normalisation mean on a 0..1 scale; None: the training pixels' mean.
         std: per-channel normalisation standard deviation; None: the training pixels' standard deviation.
         interpolation: resize interpolation (nearest, bilinear, bicubic, area, lanczos).
-        hflip: training horizontal-flip probability.
-        rand_augment: apply the RandAugment policy in training.
-        ra_num_ops: RandAugment operations drawn per image.
-        ra_magnitude: RandAugment magnitude on timm's 0..10 scale.
-        random_erasing: training random-erasing probability.
-        scale: RandomResizedCrop area range (min, max), as fractions of the image.
-        affine: probability of a mild random affine (rotation, shift, zoom, shear) in training.
         fill: colour of areas uncovered by geometric augmentation; 0: black, the background; None: the mean colour.
-        pin_memory: pin batches in page-locked memory (only when CUDA is available).
-        persistent_workers: keep DataLoader workers alive between epochs.
-        drop_last: drop the last partial training batch.
     """
 
     def __init__(

@@ -92,27 +92,20 @@ class IDXDataModule(ImageClassificationDataModule):
     repeated to RGB (``channels=3``), resized once to ``img_size`` when it differs from the files' 28². The
     default augmentation suits 28² grayscale: pad-and-crop (``crop_padding``), horizontal flip, optional random
     erasing. Training batches, their order and augmentation are a function of ``(seed, epoch)``, as for every
-    DataModule of the package.
+    DataModule of the package. Options not listed here mean what they mean for
+    :class:`ImageClassificationDataModule`.
 
     Args:
         root: folder with the four IDX files (gzipped or not), or a torchvision root holding ``<Name>/raw``.
         img_size: input size, an int or (height, width); the 28x28 images are resized to it once.
-        batch_size: images per batch (per process).
-        num_workers: DataLoader worker processes (per process); None: usable CPU cores - 1, at most 8.
         channels: 1 (grayscale, for ``in_chans=1`` models) or 3 (the grey level repeated, for RGB models).
         val_size: images of the train split held out (stratified, by ``seed``) for validation; 0: none.
         class_names: one name per label; None: ``"0"``, ``"1"``, ... up to the largest label.
         crop_padding: training random crop after padding every side by this many pixels (``fill``); 0: none.
-        hflip: training horizontal-flip probability.
-        random_erasing: training random-erasing probability.
-        affine: probability of a mild random affine (rotation, shift, zoom, shear) in training.
         mean: per-channel normalisation mean on a 0..1 scale; None: the training pixels' mean.
         std: per-channel normalisation standard deviation; None: the training pixels' standard deviation.
         interpolation: resize interpolation when img_size is not 28 (nearest, bilinear, bicubic, area, lanczos).
         fill: grey level (0..255) of padding and erased areas; 0 is the background of these datasets.
-        pin_memory: pin batches in page-locked memory (only when CUDA is available).
-        persistent_workers: keep DataLoader workers alive between epochs.
-        drop_last: drop the last partial training batch.
         seed: seed of the train/val split and of the training shuffle and augmentation (per epoch: (seed, epoch)).
     """
 
