@@ -160,10 +160,10 @@ def train(args: argparse.Namespace, name: str, seed: int, routing: dict[str, Any
     result = train_eval(build, datamodule(args), max_epochs=max(1, round(epochs)), seed=seed, accelerator=device,
                         precision=args.precision, gradient_clip_val=1.0, test=False, **limits)
     state = {k.removeprefix("model."): v for k, v in result.state_dict.items() if k.startswith("model.")}
+    val_acc1 = [h.get("val/acc1") for h in result.history]
     return {"state": state, "train_wall_s": round(result.train_wall_s, 1),
             "train_images_per_s": round(result.train_images_per_s, 1), "train_flops": result.train_flops,
-            "val_acc1": result.history[-1].get("val/acc1") if result.history else None,
-            "val_acc1_per_epoch": [h.get("val/acc1") for h in result.history]}
+            "val_acc1": val_acc1[-1] if val_acc1 else None, "val_acc1_per_epoch": val_acc1}
 
 
 # --------------------------------------------------------------------------------------------- evaluation
