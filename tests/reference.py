@@ -1,4 +1,5 @@
-"""The Pattention formula in plain autograd: the oracle the tests compare the layer against (docs/design.md, section 1).
+"""The Pattention formula in plain autograd: the oracle the tests compare the layer against (docs/design.md, section 1),
+and the learning-rate schedule in closed form.
 
     A = x Kᵀ                                   # [..., n]
     S = GeLU(τ · A / max(‖A‖₂ over n, eps))    # exact (erf) GeLU
@@ -10,6 +11,8 @@ dtype of their inputs (so under autocast they follow autocast, as the layer's ma
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -26,3 +29,12 @@ def pattention_reference(x: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     weights = F.gelu(tau * wide / norm, approximate="none")
     out = torch.matmul(weights.to(scores.dtype), value.to(scores.dtype))
     return out.to(x.dtype)
+
+
+def warmup_cosine_lr(step: int, lr: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
+    """The learning rate ImageClassifier's schedule gives optimizer step ``step`` (0-based): ``lr·(step+1)/warmup``
+    during the warm-up, then a half cosine from ``lr`` to ``min_lr`` at step ``total``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / (total - warmup)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
+from reference import warmup_cosine_lr
 from safetensors.torch import save_file
 
 from tokenformer_vision import ImageClassifier
-from tokenformer_vision.classifier import WarmupCosine
 from tokenformer_vision.data import ImageFolderDataModule
 from tokenformer_vision.prediction import PredictionWriter
 
@@ -52,17 +52,6 @@ def make_trainer(tmp_path: Path, **kw) -> Trainer:
 
 
 # ----------------------------------------------------------------------------------------------- schedule
-def test_warmup_cosine_values():
-    f = WarmupCosine(warmup_steps=4, total_steps=14, min_ratio=0.1)
-    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert f(4) == 1.0
-    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
-    assert WarmupCosine(0, 10)(0) == 1.0
-    with pytest.raises(ValueError, match="min_ratio"):
-        WarmupCosine(0, 10, min_ratio=2.0)
-
-
 def test_bad_arguments_name_the_problem():
     with pytest.raises(ValueError, match="warmup_steps or warmup_epochs"):
         make_module(warmup_steps=3, warmup_epochs=1.0)
@@ -131,16 +120,13 @@ def test_schedule_warmup_epochs_then_cosine(tmp_path, imagefolder):
     trainer = make_trainer(tmp_path, max_epochs=3, accumulate_grad_batches=2, limit_val_batches=0, callbacks=[rec])
     dm = make_data(imagefolder)
     trainer.fit(module, datamodule=dm)
-    sched = trainer.lr_scheduler_configs[0]
-    assert sched.interval == "step"
-    fn = sched.scheduler.lr_lambdas[0]
-    assert fn.total_steps == trainer.estimated_stepping_batches == trainer.global_step
-    per_epoch = math.ceil(trainer.num_training_batches / 2)
-    assert fn.warmup_steps == per_epoch
-    expected = WarmupCosine(per_epoch, fn.total_steps, 0.1)
+    assert trainer.lr_scheduler_configs[0].interval == "step"
+    total, per_epoch = trainer.global_step, math.ceil(trainer.num_training_batches / 2)
+    assert total == trainer.estimated_stepping_batches == 3 * per_epoch
     # lr seen before each batch: the scheduler steps once per optimizer step (every 2nd batch)
     steps = [b // 2 for b in range(len(rec.lrs))]
-    assert rec.lrs == pytest.approx([1e-2 * expected(s) for s in steps])
+    assert rec.lrs == pytest.approx([warmup_cosine_lr(s, 1e-2, per_epoch, total, 1e-3) for s in steps], rel=1e-9)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)  # min_lr after the last step
 
 
 # -------------------------------------------------------------------------------------- fit and evaluate
@@ -399,9 +385,22 @@ def test_resumed_fit_with_more_epochs_stretches_the_cosine(tmp_path, imagefolder
 
     longer.callbacks.append(RecordLR())
     longer.fit(resumed, datamodule=data, ckpt_path=str(ckpt), weights_only=True)
-    fn = longer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
-    assert fn.total_steps == longer.global_step == 2 * steps  # the cosine ends at the new last step
-    assert min(lrs[:-1]) > 1e-4 * 1.01 and lrs[0] > 5e-3  # the extra epochs are not at min_lr
+    assert longer.global_step == 2 * steps
+    # the extra epochs follow the cosine of the new length (not min_lr), which ends at the new last step
+    assert lrs == pytest.approx([warmup_cosine_lr(s, 1e-2, 0, 2 * steps, 1e-4) for s in range(steps, 2 * steps)],
+                                rel=1e-9)
+    assert longer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+def test_resuming_a_lambdalr_checkpoint_is_a_clear_error(tmp_path, imagefolder):
+    data = make_data(imagefolder)
+    make_trainer(tmp_path, max_steps=1, enable_checkpointing=True).fit(make_module(), datamodule=data)
+    ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=True)
+    ckpt["lr_schedulers"] = [{"base_lrs": [1e-3], "last_epoch": 1, "lr_lambdas": [{"warmup_steps": 0}]}]
+    torch.save(ckpt, old := tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match="LambdaLR.*--model.pretrained"):
+        make_trainer(tmp_path, max_steps=2).fit(make_module(), datamodule=data, ckpt_path=str(old))
+    make_trainer(tmp_path).validate(make_module(), datamodule=data, ckpt_path=str(old), verbose=False)  # loads
 
 
 def test_batches_of_unreadable_images_are_skipped():

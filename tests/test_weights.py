@@ -139,3 +139,9 @@ def test_export_reads_the_checkpoint_once(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(str(f)) or real_load(f, *a, **k))
     export_checkpoint(path, tmp_path / "out", ema=True)
     assert loads.count(str(path)) == 1, loads
+
+
+def test_timm_vit_weights_load_into_a_timm_vit():
+    src, dst = (timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=3) for _ in range(2))
+    assert load_weights(dst, src.state_dict())["head"] == "loaded"
+    assert same_weights(dst, src)

@@ -1,8 +1,5 @@
-"""tokenformer_vision: TokenFormer (Pattention) vision transformers for timm, Lightning and torchvision.
-
-Importing the package registers ``tokenformer_tiny/small/base/large`` with timm. The training, growth,
-detection and export parts load lazily on first use, so ``import tokenformer_vision`` stays as cheap as timm.
-"""
+"""TokenFormer (Pattention) vision transformers for timm, Lightning and torchvision; importing registers
+``tokenformer_tiny/small/base/large`` with timm."""
 
 from importlib import import_module
 from typing import Any
@@ -12,7 +9,7 @@ from .pattention import Pattention
 
 __version__ = "0.3.0"
 
-# public name -> submodule that defines it (imported on first attribute access)
+# public name -> submodule that defines it, imported on first access (so the import stays as cheap as timm)
 _LAZY = {"ImageClassifier": ".classifier", "ImageFolderDataModule": ".data", "ImageNetDataModule": ".data",
          "DigitsDataModule": ".data", "IDXDataModule": ".data", "GrowthCallback": ".callbacks"}
 __all__ = ["Pattention", "TokenFormerViT", "checkpoint_filter_fn", *_LAZY]

@@ -1,28 +1,23 @@
-"""The TokenFormer block: timm's pre-norm ViT block with every projection a Pattention, and the patch embedding.
-
-:class:`TokenFormerBlock` takes timm's ``block_fn`` arguments and ``forward(x, attn_mask=None)``; its per-token
-``gate`` (:meth:`~TokenFormerBlock.forward_gated`) is how token routing runs a block on some tokens only.
-"""
+"""The TokenFormer block: timm's pre-norm ViT block with every projection a Pattention, and the patch embedding."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, PatchEmbed
+from timm.layers import DropPath, Mlp, PatchEmbed
 from torch import nn
 
 from .kernel import pattention_fused
 from .merging import TokenMerging
 from .pattention import Pattention
-from .routing import RoutingConfig, make_router, route_block
+from .routing import RoutingConfig, route_block
 
 __all__ = ["PattentionAttention", "TokenFormerBlock"]
 
 
 class PattentionAttention(nn.Module):
-    """Multi-head self-attention whose Q, K, V and output projections are Pattention layers; token-token attention
-    is ``F.scaled_dot_product_attention``, with an ``attn_mask`` as in timm's ``Attention`` (bool, or an additive
-    float bias broadcasting to ``[B, heads, N, N]``)."""
+    """Multi-head self-attention whose Q, K, V and output projections are Pattention layers; ``attn_mask`` as in
+    timm's ``Attention`` (bool, or an additive float bias broadcasting to ``[B, heads, N, N]``)."""
 
     def __init__(self, dim: int, num_heads: int, num_tokens: int, *, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  value_std: float | None = None, dynamic_scale: bool = False,
@@ -36,8 +31,8 @@ class PattentionAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def qkv(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``[q(x), k(x), v(x)]``: one kernel call over the three key sets when their token counts agree; each layer
-        runs on its own when it has hooks, when the counts differ, or under FX tracing (parameters are proxies)."""
+        """``[q(x), k(x), v(x)]``: one kernel call over the three key sets, unless a layer has hooks, the token counts
+        differ or FX is tracing (parameters are proxies)."""
         layers = (self.q, self.k, self.v)
         if (isinstance(self.q.key_param, torch.fx.Proxy) or len({p.num_tokens for p in layers}) > 1
                 or any(p._forward_hooks or p._forward_pre_hooks for p in layers)):
@@ -62,13 +57,11 @@ class TokenFormerBlock(nn.Module):
     """Pre-norm block ``x + DropPath(Attn(LN(x)))``, ``x + DropPath(FFN(LN(x)))`` (official TokenFormer) with
     affine-free LayerNorms; the FFN is one Pattention d→d (``self.ffn``) whose GeLU is the only non-linearity.
 
-    Args:
-        dim, num_heads, attn_drop, proj_drop, drop_path, depth (the block's index): from timm's ``VisionTransformer``.
-        attn_tokens, ffn_tokens: parameter tokens of each attention projection and of the FFN.
-        value_std, dynamic_scale: std of the value tokens' init; official τ = sqrt(current n).
-        routing: the model's shared routing settings; with it (and ``depth > 0``) the block gets a router
-            (``self.router``) and :func:`~tokenformer_vision.routing.route_block` picks the tokens it processes.
-        **timm_block_args: the rest of timm's ``block_fn`` arguments (``mlp_ratio``, ``qkv_bias``, ...): unused here.
+    Takes timm's ``block_fn`` arguments (``depth``: the block's index; the unused ones, ``mlp_ratio`` etc., go to
+    ``timm_block_args``). ``attn_tokens``/``ffn_tokens``: parameter tokens of each attention projection / the FFN.
+    ``routing``: the model's shared settings; with it (and ``depth > 0``) the block gets a router (``self.router``,
+    timm ``Mlp(d → d/4 → 1)`` giving the keep logit) and :func:`~tokenformer_vision.routing.route_block` picks the
+    tokens it processes.
     """
 
     merging: TokenMerging | None = None  # the model's token merging (tokenformer_vision.merging), shared by its blocks
@@ -87,7 +80,8 @@ class TokenFormerBlock(nn.Module):
         self.ffn = Pattention(dim, dim, ffn_tokens, value_std=value_std, dynamic_scale=dynamic_scale, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.routing = routing if depth > 0 else None
-        self.router = make_router(dim, **dd) if self.routing is not None else None
+        self.router = (Mlp(dim, max(dim // 4, 1), out_features=1, act_layer=nn.ReLU, **dd)
+                       if self.routing is not None else None)
         self.last_keep: torch.Tensor | None = None  # [B, N] keep probabilities of the last routed forward
         self.last_processed: torch.Tensor | None = None  # [B, N] bool, tokens the last forward processed
 
@@ -105,8 +99,8 @@ class TokenFormerBlock(nn.Module):
         return {"attn_tokens": self.attn.q.num_tokens, "ffn_tokens": self.ffn.num_tokens}
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        """timm's block forward; a routed block runs :func:`~tokenformer_vision.routing.route_block`; with
-        token merging on (``self.merging.r > 0``, set by the model) tokens are merged between attention and FFN."""
+        """timm's block forward, through the router if any; with token merging on (``self.merging.r > 0``, set by
+        the model) tokens are merged between attention and FFN."""
         if self.merging is not None and self.merging.r > 0:
             if attn_mask is not None or is_causal:
                 raise ValueError("token merging does not combine with an external attn_mask or is_causal")
@@ -128,18 +122,16 @@ class TokenFormerBlock(nn.Module):
 
     def forward_packed(self, x: torch.Tensor, processed: torch.Tensor, counts: torch.Tensor,
                        groups: int = 4) -> torch.Tensor:
-        """Inference on the ``processed [B, N]`` tokens of each image alone, the others unchanged (equal to
-        ``forward_gated`` on each image's processed tokens). The per-token layers (norms, the Pattention
-        projections, the FFN) run on the processed tokens of the whole batch packed together, so their cost is the
-        number processed; attention runs on each image's processed tokens, the images sorted by ``counts`` (``[B]``,
-        on the host) into ``groups`` groups, each padded to its own largest count (pads masked as keys)."""
+        """Inference on the ``processed [B, N]`` tokens of each image alone, the others unchanged (``forward_gated``
+        on each image's processed tokens). The per-token layers run on the processed tokens of the whole batch packed
+        together; attention on each image's, the images sorted by ``counts`` (``[B]``, on the host) into ``groups``
+        groups, each padded to its own largest count (pads masked as keys)."""
         B, N, C = x.shape
         image, token = processed.nonzero(as_tuple=True)  # row-major: each image's tokens in their order
         slot = processed.long().cumsum(1)[image, token] - 1  # position among the image's processed tokens
         xt = x[image, token]  # [T, C]
         q, k, v = self.attn.qkv(self.norm1(xt))
         y = torch.empty_like(q)
-        heads = self.attn.num_heads
         for members in torch.argsort(counts).chunk(min(groups, B)):  # images with similar counts together
             size, longest = len(members), int(counts[members].max())
             rank = torch.full((B,), -1, dtype=torch.long)
@@ -152,8 +144,8 @@ class TokenFormerBlock(nn.Module):
             if int(counts[members].min()) < longest:
                 mask = torch.arange(longest).unsqueeze(0) < counts[members].unsqueeze(1)
                 mask = mask.to(x.device)[:, None, None, :]
-            out = F.scaled_dot_product_attention(*(t.view(size, longest, heads, -1).transpose(1, 2) for t in padded),
-                                                 attn_mask=mask)
+            heads = (t.view(size, longest, self.attn.num_heads, -1).transpose(1, 2) for t in padded)
+            out = F.scaled_dot_product_attention(*heads, attn_mask=mask)
             y[chosen] = out.transpose(1, 2).reshape(size, longest, C)[index]
         xt = xt + self.drop_path1(self.attn.proj_drop(self.attn.proj(y)))
         xt = xt + self.drop_path2(self.ffn(self.norm2(xt)))
@@ -183,8 +175,7 @@ class _PatchPattention(nn.Module):
         B, C, H, W = x.shape
         if C != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels, got {C} (input shape {tuple(x.shape)})")
-        ph, pw = self.patch_size
-        gh, gw = H // ph, W // pw
+        (ph, pw), gh, gw = self.patch_size, H // self.patch_size[0], W // self.patch_size[1]
         x = x[:, :, : gh * ph, : gw * pw]  # a conv with stride=patch drops the ragged edge too
         patches = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B, gh, gw, C * ph * pw)
         return self.pattention(patches).permute(0, 3, 1, 2)

@@ -1,6 +1,7 @@
 """Training callbacks. :class:`GrowthCallback` grows the model on a schedule inside ``Trainer.fit`` with
 :func:`tokenformer_vision.growth.grow_training_state`, adding DDP re-wrap, LR re-warm, exactness check and logging.
-:class:`NonFiniteGuard` skips (or stops at) optimizer steps whose loss or gradients are not finite."""
+:class:`NonFiniteGuard` skips (or stops at) optimizer steps whose loss or gradients are not finite;
+:class:`EMACallback` keeps an exponential moving average of the weights."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from .growth import SecondMoment, grow_training_state
 
-__all__ = ["GrowthCallback", "GrowthStage", "NonFiniteGuard", "validate_schedule"]
+__all__ = ["EMACallback", "GrowthCallback", "GrowthStage", "NonFiniteGuard", "validate_schedule"]
 
 log = logging.getLogger(__name__)
 _STAGE_KEYS = {"step", "epoch", "attn_tokens", "ffn_tokens", "rewarm_steps"}
@@ -326,3 +327,26 @@ class NonFiniteGuard(Callback):
         rank_zero_warn(f"{what}; the optimizer step is skipped (nonfinite='skip')")
         for p in params:
             p.grad = None  # the optimizer skips parameters without a gradient: no update, no moment change
+
+
+class EMACallback(Callback):
+    """Updates ``pl_module.ema``, a timm ``ModelEmaV3`` of ``pl_module.model``, after every optimizer step, passing the
+    step number for its decay warm-up. The average lives on the module, not here: its weights are then saved in
+    checkpoints (``ema.module.*``), loaded with them for validate/test/predict, and grown with the model by
+    :class:`GrowthCallback`. :class:`~tokenformer_vision.ImageClassifier` adds one when ``ema_decay`` is set.
+    (Lightning's ``EMAWeightAveraging`` swaps the averaged weights into the module instead, which growth cannot reach.)
+    """
+
+    def __init__(self, model_attr: str = "model", ema_attr: str = "ema") -> None:
+        self.model_attr, self.ema_attr = model_attr, ema_attr
+        self._updated_at = -1  # the global step of the latest update: batches of an accumulation window share it
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._updated_at = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        ema = getattr(pl_module, self.ema_attr, None)
+        if ema is not None and trainer.global_step != self._updated_at:
+            ema.update(getattr(pl_module, self.model_attr), step=trainer.global_step)
+            self._updated_at = trainer.global_step

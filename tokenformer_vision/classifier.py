@@ -22,11 +22,11 @@ from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from .callbacks import NonFiniteGuard
+from .callbacks import EMACallback, NonFiniteGuard
 from .weights import describe_mismatch, load_weights, select_weights, token_counts
 
 __all__ = ["ImageClassifier", "TLOps"]
@@ -35,23 +35,6 @@ log = logging.getLogger(__name__)
 
 # Same type as ``lightning.pytorch.cli.OptimizerCallable``; spelled out so this module does not import the CLI.
 OptimizerCallable = Callable[[Iterable], Optimizer]
-
-
-class WarmupCosine:
-    """LR factor for ``LambdaLR``: linear warmup, then a half cosine from 1 to ``min_ratio`` at ``total_steps``, flat
-    afterwards. A callable object, not a closure, so ``LambdaLR.state_dict()`` saves its settings."""
-
-    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> None:
-        if warmup_steps < 0 or total_steps < 1 or not 0.0 <= min_ratio <= 1.0:
-            raise ValueError("WarmupCosine: need warmup_steps ≥ 0, total_steps ≥ 1 and min_ratio in [0, 1], got "
-                             f"{warmup_steps}, {total_steps}, {min_ratio}")
-        self.warmup_steps, self.total_steps, self.min_ratio = int(warmup_steps), int(total_steps), float(min_ratio)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        progress = min(max((step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps), 0.0), 1.0)
-        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _rng_states() -> dict[str, Any]:
@@ -142,6 +125,7 @@ class ImageClassifier(LightningModule):
         self.model: nn.Module | None = None  # built by _build(), with the EMA copy and the Mixup function
         self.ema: ModelEmaV3 | None = None
         self.mixup_fn: Mixup | None = None
+        self.val_tlops: TLOps | None = None  # a routed model's validation TLOps
         self._nonfinite_guard: NonFiniteGuard | None = None  # the latest fit's non-finite policy
         self._resumed_rng_states: dict[str, Any] | None = None  # a resumed fit's, set when its training starts
         if num_classes is not None:
@@ -282,20 +266,15 @@ class ImageClassifier(LightningModule):
         return loss  # a non-finite one: NonFiniteGuard (configure_callbacks) skips its optimizer step
 
     def configure_callbacks(self) -> list[Callback]:
-        """The non-finite policy (``nonfinite``, ``max_nonfinite_steps``) as a :class:`NonFiniteGuard`."""
+        """The non-finite policy (``nonfinite``, ``max_nonfinite_steps``) as a :class:`NonFiniteGuard`, and the EMA
+        updates (``ema_decay``) as an :class:`EMACallback`."""
         self._nonfinite_guard = NonFiniteGuard(self.hparams.nonfinite, self.hparams.max_nonfinite_steps)
-        return [self._nonfinite_guard]
+        return [self._nonfinite_guard, *([EMACallback()] if self.hparams.ema_decay else [])]
 
     @property
     def nonfinite_streak(self) -> int:
         """Optimizer steps skipped in a row by the latest fit's non-finite policy."""
         return self._nonfinite_guard.streak if self._nonfinite_guard is not None else 0
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
-            # after the weights moved; global_step counts completed steps, so this is the 1-based step number
-            self.ema.update(self.model, step=self.trainer.global_step + 1)
 
     def on_train_epoch_end(self) -> None:
         self._log_skipped_images()
@@ -324,7 +303,7 @@ class ImageClassifier(LightningModule):
         return self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        if (tlops := getattr(self, "val_tlops", None)) is not None:
+        if (tlops := self.val_tlops) is not None:
             if not self.trainer.sanity_checking:
                 fractions = tlops.compute().float()
                 self.log_dict({"val/tlops": fractions.mean(), "val/tlops_saving": 1.0 - fractions.mean(),
@@ -372,13 +351,20 @@ class ImageClassifier(LightningModule):
         return round(self.hparams.warmup_epochs * max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)))
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """The optimizer over :meth:`param_groups`, and per step a linear warm-up from ``lr / warmup`` to ``lr``, then
+        a half cosine down to ``min_lr`` at the trainer's last step."""
         hp, groups = self.hparams, self.param_groups()
         optimizer = (self.optimizer_fn(groups) if self.optimizer_fn is not None else
                      torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay))
-        total = int(self.trainer.estimated_stepping_batches)  # also sets up the train dataloader
-        base_lr = optimizer.param_groups[0]["lr"]
-        min_ratio = min(1.0, hp.min_lr / base_lr) if base_lr > 0 else 0.0
-        scheduler = LambdaLR(optimizer, WarmupCosine(self.warmup_steps_total(), max(total, 1), min_ratio))
+        steps = int(self.trainer.estimated_stepping_batches)  # first: it also sets up the train dataloader
+        warmup = self.warmup_steps_total()
+        total = max(steps, warmup + 1)
+        self._cosine = CosineAnnealingLR(optimizer, T_max=total - warmup,
+                                         eta_min=min(hp.min_lr, optimizer.param_groups[0]["lr"]))
+        scheduler: LRScheduler = self._cosine
+        if warmup:
+            ramp = LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup - 1)
+            scheduler = SequentialLR(optimizer, [ramp, self._cosine], milestones=[warmup])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
     def on_train_start(self) -> None:
@@ -393,15 +379,16 @@ class ImageClassifier(LightningModule):
         if self._resumed_rng_states is not None:  # not earlier: loading the checkpoint draws random numbers
             _set_rng_states(self._resumed_rng_states)
             self._resumed_rng_states = None
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        for s in (config.scheduler for config in self.trainer.lr_scheduler_configs):
-            for fn in getattr(s, "lr_lambdas", []):
-                if isinstance(fn, WarmupCosine) and fn.total_steps != total:
-                    log.warning("ImageClassifier: the LR schedule of the checkpoint ends at step %d; this run ends at "
-                                "step %d: the cosine now follows the new length", fn.total_steps, total)
-                    fn.total_steps = total
-                    for group, base, lam in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas, strict=True):
-                        group["lr"] = base * lam(s.last_epoch)
+        cosine, warmup = self._cosine, self.warmup_steps_total()
+        total = max(int(self.trainer.estimated_stepping_batches), warmup + 1)
+        if cosine.T_max != total - warmup:
+            log.warning("ImageClassifier: the LR schedule of the checkpoint ends at step %d; this run ends at step %d:"
+                        " the cosine now follows the new length", cosine.T_max + warmup, total)
+            cosine.T_max = total - warmup
+            if self.global_step > warmup:  # in the cosine: move to the new curve's value (then it follows it)
+                for group, base in zip(cosine.optimizer.param_groups, cosine.base_lrs, strict=True):
+                    group["lr"] = cosine.eta_min + (base - cosine.eta_min) * 0.5 * (
+                        1 + math.cos(math.pi * (self.global_step - warmup) / cosine.T_max))
 
     def _fit_log_interval(self) -> None:
         trainer, batches = self.trainer, self.trainer.num_training_batches
@@ -431,7 +418,11 @@ class ImageClassifier(LightningModule):
         check that the weights fit (one error naming what differs), and reconcile EMA weights with ``ema_decay``.
         A fit resumes the random states saved with the checkpoint, once training starts."""
         trainer = self._trainer_or_none()
-        if "rng_states" in checkpoint and trainer is not None and trainer.state.fn == "fit":
+        fitting = trainer is not None and trainer.state.fn == "fit"
+        if fitting and any("lr_lambdas" in s for s in checkpoint.get("lr_schedulers", [])):
+            raise ValueError("this checkpoint's LR schedule is a LambdaLR (tokenformer_vision 0.2), which this version "
+                             "cannot resume; start a new fit from its weights with --model.pretrained PATH")
+        if "rng_states" in checkpoint and fitting:
             self._resumed_rng_states = checkpoint["rng_states"]  # restoring and building below draw random numbers
         state: dict[str, torch.Tensor] = checkpoint["state_dict"]
         model = self._require_model()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import inspect
 import os
 import re
@@ -25,17 +26,15 @@ __all__ = ["main"]
 
 TOOLS = ("export", "grow")
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# loaded on first use, so that ``export`` and the argument checks do not import Lightning
+LAZY = {"TokenFormerCLI": "lightning_cli", "LastAndBestCheckpoint": "lightning_cli",
+        "grow_checkpoint": "offline_growth"}
 
 
 def __getattr__(name: str) -> Any:
-    """The Lightning-based names load on first use, so ``export`` and argument checks do not import Lightning."""
-    if name in ("TokenFormerCLI", "LastAndBestCheckpoint"):
-        from . import lightning_cli
-        return getattr(lightning_cli, name)
-    if name == "grow_checkpoint":
-        from .offline_growth import grow_checkpoint
-        return grow_checkpoint
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{LAZY[name]}", __package__), name)
 
 
 def _tool(name: str, argv: list[str]) -> None:
@@ -51,8 +50,8 @@ def _tool(name: str, argv: list[str]) -> None:
     flags = {n: p.default for n, p in inspect.signature(fn).parameters.items() if isinstance(p.default, bool)}
     parser.add_function_arguments(fn, skip=set(flags))
     docs = {p.arg_name: p.description for p in parse_docstring(fn.__doc__).params}
-    for name, default in flags.items():  # `--onnx` and `--no_onnx` as well as `--onnx true`
-        parser.add_argument(f"--{name}", action=ActionYesNo, nargs="?", default=default, help=docs.get(name))
+    for flag, default in flags.items():  # `--onnx` and `--no_onnx` as well as `--onnx true`
+        parser.add_argument(f"--{flag}", action=ActionYesNo, nargs="?", default=default, help=docs.get(flag))
     args = parser.parse_args(argv).as_dict()
     config_path = args.pop("config")
     if args["ckpt_path"] in ("last", "best"):
@@ -83,17 +82,19 @@ def _run_trainer_cli(argv: list[str] | None) -> None:
     )
 
 
+def _shorten(lines: list[str], limit: int) -> str:
+    """At most ``limit`` lines: the message, not an essay (the traceback variable shows all of it)."""
+    more = len(lines) - limit + 1
+    return "\n".join(lines if more <= 1 else [*lines[:limit - 1], f"... ({more} more lines)"])
+
+
 def _argument_error(err: BaseException, args: list[str]) -> str:
     """A jsonargparse error in a few lines: the failing key, what it expected and what it got."""
     text = re.sub(r"<class '([\w.]+)'>", r"\1", str(err))  # "Expected a dict", not "Expected a <class 'dict'>"
-    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
     # jsonargparse lists every Union subtype it tried; the NoneType alternative is never the useful one
-    lines = [ln for ln in lines if "NoneType" not in ln]
-    if len(lines) > 10:
-        lines = [*lines[:9], f"... ({len(lines) - 9} more lines)"]
-    sub = next((a for a in args if a in (*TRAINER_SUBCOMMANDS, *TOOLS)), "")
-    help_cmd = f"tokenformer-vision {sub + ' ' if sub else ''}--help"
-    return "\n".join(lines) + f"\n(see `{help_cmd}` for what each option takes)"
+    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip() and "NoneType" not in ln]
+    sub = next((f"{a} " for a in args if a in (*TRAINER_SUBCOMMANDS, *TOOLS)), "")
+    return f"{_shorten(lines, 10)}\n(see `tokenformer-vision {sub}--help` for what each option takes)"
 
 
 def _runtime_error(err: BaseException) -> str | None:
@@ -119,14 +120,10 @@ def _runtime_error(err: BaseException) -> str | None:
     return text if type(found).__name__ == "UsageError" else f"{type(found).__name__}: {text}"
 
 
-def _clean_up_failed_start() -> None:
-    """After a failed start, drop the version folder it created if nothing of value was written into it."""
+def _started() -> list[Any]:
+    """The CLIs of this process that built their classes (none before ``lightning_cli`` is imported)."""
     module = sys.modules.get(f"{__package__}.lightning_cli")
-    started = module.STARTED if module is not None else []
-    log_dir = getattr(getattr(started[0], "trainer", None), "log_dir", None) if started else None
-    if log_dir and os.path.isdir(log_dir) and not any(
-            p.is_file() and p.name not in ("config.yaml", "hparams.yaml") for p in Path(log_dir).rglob("*")):
-        shutil.rmtree(log_dir, ignore_errors=True)
+    return module.STARTED if module is not None else []
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,8 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(a.split("=")[0] == "--model.num_classes" for a in args):
         sys.exit("tokenformer-vision: error: --model.num_classes is set from the data (data.num_classes); "
                  "choose the classes through the data module, not the model")
-    if module := sys.modules.get(f"{__package__}.lightning_cli"):
-        module.STARTED.clear()
+    _started().clear()
     try:
         if args[:1] and args[0] in TOOLS:
             return _tool(args[0], args[1:])
@@ -149,17 +145,16 @@ def main(argv: list[str] | None = None) -> None:
     except argparse.ArgumentError as err:
         sys.exit(f"tokenformer-vision: error: {_argument_error(err, args)}")
     except Exception as err:
-        module = sys.modules.get(f"{__package__}.lightning_cli")
-        _clean_up_failed_start()
+        started = _started()
+        log_dir = getattr(getattr(started[0], "trainer", None), "log_dir", None) if started else None
+        if log_dir and os.path.isdir(log_dir) and not any(  # drop a version folder that holds nothing of value
+                p.is_file() and p.name not in ("config.yaml", "hparams.yaml") for p in Path(log_dir).rglob("*")):
+            shutil.rmtree(log_dir, ignore_errors=True)
         message = _runtime_error(err)
         if message is None or os.environ.get("TOKENFORMER_VISION_TRACEBACK"):
             raise
-        lines = message.splitlines()
-        if len(lines) > 12:  # the message, not an essay: the traceback variable shows all of it
-            message = "\n".join([*lines[:11], f"... ({len(lines) - 11} more lines)"])
-        started = bool(module and module.STARTED)
         where = " (while running; TOKENFORMER_VISION_TRACEBACK=1 shows where)" if started else ""
-        sys.exit(f"tokenformer-vision: error: {message}{where}")
+        sys.exit(f"tokenformer-vision: error: {_shorten(message.splitlines(), 12)}{where}")
 
 
 if __name__ == "__main__":

@@ -65,15 +65,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except (OSError, RuntimeError) as err:
             # torch's zip writer reports a failed write (a full disk) as "unexpected pos ...": the OSError is its cause
             cause, seen = err, []
-            while cause is not None and not isinstance(cause, OSError) and cause not in seen:
+            while cause is not None and not isinstance(cause, OSError) and cause not in seen:  # `raise e from e`
                 seen.append(cause)
                 cause = cause.__cause__ or cause.__context__
             if not isinstance(cause, OSError):
                 raise
-            message = (f"could not write checkpoint {local} ({cause.strerror or cause}); an earlier file there is "
-                       "unchanged" + ("; free space on that disk or choose another --checkpoint.dirpath"
-                                      if cause.errno == errno.ENOSPC else ""))
-            raise OSError(cause.errno or errno.EIO, message) from None
+            msg = f"could not write checkpoint {local} ({cause.strerror or cause}); an earlier file there is unchanged"
+            if cause.errno == errno.ENOSPC:
+                msg += "; free space on that disk or choose another --checkpoint.dirpath"
+            raise OSError(cause.errno or errno.EIO, msg) from None
         finally:
             if tmp is not None:  # left only by a failure
                 with contextlib.suppress(OSError):
@@ -89,9 +89,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def with_atomic_checkpoint_io(plugins: Any = None) -> list[Any]:
     """Trainer ``plugins`` (None, one or a list) plus an :class:`AtomicCheckpointIO` unless one is a CheckpointIO."""
     plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
-    if not any(isinstance(p, CheckpointIO) for p in plugins):
-        plugins.append(AtomicCheckpointIO())
-    return plugins
+    return plugins if any(isinstance(p, CheckpointIO) for p in plugins) else [*plugins, AtomicCheckpointIO()]
 
 
 def check_writable(folder: str, what: str = "folder") -> None:
@@ -124,10 +122,9 @@ def load_checkpoint_or_none(path: str) -> dict[str, Any] | None:
     """The Lightning checkpoint at ``path`` (on CPU, ``weights_only``), or None with a warning when it does not load
     (truncated, foreign, or without a ``state_dict``)."""
     try:
-        ckpt = read_checkpoint(path)
-        if "state_dict" in ckpt:
-            return ckpt
-        raise ValueError("not a Lightning checkpoint (no state_dict)")
+        if "state_dict" not in (ckpt := read_checkpoint(path)):
+            raise ValueError("not a Lightning checkpoint (no state_dict)")
+        return ckpt
     except Exception as err:  # truncated, corrupt, unreadable, foreign: all mean "not usable"
         warnings.warn(f"skipping checkpoint {path}: it does not load ({type(err).__name__}: {err})", stacklevel=2)
         return None
@@ -162,29 +159,25 @@ def resolve_checkpoint(which: str, checkpoint_dir: str | None, logger_dir: str |
 
 
 class LastAndBestCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` is the latest state and whose best files hold what their score says:
+    """``ModelCheckpoint`` whose ``last.ckpt`` is the latest state and whose best files hold what their score says.
 
-    * ``setup`` fails before any step when the checkpoint or log folder cannot be written (:func:`check_writable`).
-    * ``last.ckpt`` is rewritten after every validation (every epoch without one), not only with a top-k save.
-    * With a ``monitor``, only validated states (the score was measured on those weights) are top-k candidates:
-      step/time-triggered saves just refresh ``last.ckpt``. Nor is a state with non-finite weights (a warning).
-    * On resume, best score and top-k are restored when the saved folder is this one by real path.
-
-    It takes ModelCheckpoint's arguments (``save_last="link"`` excepted) and keeps its public state
-    (``best_model_path``, ``best_k_models``, ``last_model_path``, ...), but decides and writes its files itself,
-    through ``trainer.save_checkpoint`` and the documented members of ModelCheckpoint only.
+    ``setup`` fails before any step when the checkpoint or log folder cannot be written; ``last.ckpt`` is rewritten
+    after every validation (every epoch without one); with a ``monitor``, only validated states with finite weights
+    are top-k candidates (step/time-triggered saves just refresh ``last.ckpt``); on resume, best score and top-k are
+    restored when the saved folder is this one by real path. It takes ModelCheckpoint's arguments (``save_last="link"``
+    excepted) and keeps its public state, but decides and writes its files itself (ModelCheckpoint's save decisions
+    are private methods), through ``trainer.save_checkpoint`` and ModelCheckpoint's public members.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.save_last == "link":
             raise ValueError("LastAndBestCheckpoint: save_last='link' is not supported; use save_last=True")
-        given = inspect.signature(ModelCheckpoint.__init__).bind(self, *args, **kwargs)
-        given.apply_defaults()  # the trigger settings, as passed (ModelCheckpoint keeps no public copy)
-        self._steps_trigger = int(given.arguments.get("every_n_train_steps") or 0)
-        self._time_trigger = given.arguments.get("train_time_interval")
-        self._on_train_epoch_end = given.arguments.get("save_on_train_epoch_end")
-        self._version_counter = bool(given.arguments.get("enable_version_counter", True))
+        given = inspect.signature(ModelCheckpoint.__init__).bind(self, *args, **kwargs).arguments  # no public copy
+        self._steps_trigger = int(given.get("every_n_train_steps") or 0)
+        self._time_trigger = given.get("train_time_interval")
+        self._on_train_epoch_end = given.get("save_on_train_epoch_end")
+        self._version_counter = bool(given.get("enable_version_counter", True))
         self._saved_step, self._saved_path = 0, ""  # the latest file this callback wrote, and its step
         self._evaluated_step = 0  # global step of the last end-of-validation save decision; 0: nothing trained yet
         self._last_time: float | None = None
@@ -222,20 +215,17 @@ class LastAndBestCheckpoint(ModelCheckpoint):
             due = bool(trainer.strategy.broadcast(now - (self._last_time or now) >= self._time_trigger.total_seconds()))
             if due:
                 self._last_time = now
-        if not due:
-            return
-        candidates = self._candidates(trainer)
-        if self.monitor is None:  # no score to trust or distrust: a step save is a top-k candidate as usual
-            self._save_topk(trainer, candidates)
-        self._save_last(trainer, candidates)  # with a monitor, the score is from an earlier validation
+        if due:
+            candidates = self._candidates(trainer)
+            if self.monitor is None:  # no score to trust or distrust: a step save is a top-k candidate as usual
+                self._save_topk(trainer, candidates)
+            self._save_last(trainer, candidates)  # with a monitor, the score is from an earlier validation
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._saves_at_train_epoch_end(trainer):
-            self._save_evaluated(trainer)
+        self._save_evaluated(trainer, at_train_epoch_end=True)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._saves_at_train_epoch_end(trainer):
-            self._save_evaluated(trainer)
+        self._save_evaluated(trainer, at_train_epoch_end=False)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_last and not self._saved_path and not trainer.fast_dev_run:
@@ -251,20 +241,16 @@ class LastAndBestCheckpoint(ModelCheckpoint):
     def _skip(self, trainer: Trainer) -> bool:
         return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
 
-    def _saves_at_train_epoch_end(self, trainer: Trainer) -> bool:
-        """ModelCheckpoint's rule: at the end of the training epoch when validation runs once at its end (or not at
-        all), else at the end of validation."""
-        if self._on_train_epoch_end is not None:
-            return bool(self._on_train_epoch_end)
-        if trainer.check_val_every_n_epoch != 1:
-            return False
-        batches = trainer.num_val_batches
-        return (sum(batches) if isinstance(batches, list) else batches) == 0 or trainer.val_check_interval == 1.0
-
-    def _save_evaluated(self, trainer: Trainer) -> None:
-        """Top-k (when due) and ``last`` for the state that was just evaluated."""
+    def _save_evaluated(self, trainer: Trainer, at_train_epoch_end: bool) -> None:
+        """Top-k (when due) and ``last`` for the state just evaluated, at ModelCheckpoint's moment: the end of the
+        training epoch when validation runs once at its end (or not at all), else the end of validation."""
+        on_epoch_end = self._on_train_epoch_end
+        if on_epoch_end is None:
+            batches = trainer.num_val_batches
+            on_epoch_end = trainer.check_val_every_n_epoch == 1 and (
+                (sum(batches) if isinstance(batches, list) else batches) == 0 or trainer.val_check_interval == 1.0)
         step = trainer.global_step
-        if self._skip(trainer) or step == self._evaluated_step:
+        if bool(on_epoch_end) != at_train_epoch_end or self._skip(trainer) or step == self._evaluated_step:
             return
         self._evaluated_step = step
         candidates = self._candidates(trainer)
@@ -300,10 +286,10 @@ class LastAndBestCheckpoint(ModelCheckpoint):
                            f"{self.best_model_path or 'unset'})")
             return
         if self.monitor is None:  # the newest state is "best"; save_top_k=1 keeps one such file
-            path = self._free_name(trainer, candidates, keep=self.best_model_path)
-            previous, self.best_model_path = self.best_model_path, path
+            replaced = self.best_model_path if self.save_top_k == 1 else None
+            path = self.best_model_path = self._free_name(trainer, candidates, keep=self.best_model_path)
             self._write(trainer, path)
-            self._remove_replaced(trainer, previous if self.save_top_k == 1 else None, path)
+            self._remove_replaced(trainer, replaced, path)
             return
         current = candidates.get(self.monitor)
         if current is None:
@@ -315,15 +301,12 @@ class LastAndBestCheckpoint(ModelCheckpoint):
                 rank_zero_info(f"step {trainer.global_step}: {self.monitor!r} was not in top {self.save_top_k}")
             return
         k = len(self.best_k_models) + 1 if self.save_top_k == -1 else self.save_top_k
-        dropped = None
-        if len(self.best_k_models) == k:
-            dropped = self.kth_best_model_path
-            self.best_k_models.pop(dropped)
+        replaced = self.kth_best_model_path if len(self.best_k_models) == k else None
+        self.best_k_models.pop(replaced, None)
         if torch.isnan(current):  # never best
             current = torch.tensor(float("inf" if self.mode == "min" else "-inf"), device=current.device)
-        path = self._free_name(trainer, candidates, keep=dropped)
-        self.current_score = current
-        self.best_k_models[path] = current
+        path = self._free_name(trainer, candidates, keep=replaced)
+        self.current_score = self.best_k_models[path] = current
         worst, best = (max, min) if self.mode == "min" else (min, max)
         if len(self.best_k_models) == k:
             self.kth_best_model_path = worst(self.best_k_models, key=self.best_k_models.get)
@@ -334,22 +317,20 @@ class LastAndBestCheckpoint(ModelCheckpoint):
             rank_zero_info(f"step {trainer.global_step}: {self.monitor!r} reached {float(current):0.5f} (best "
                            f"{float(self.best_model_score):0.5f}), saving {path!r} as top {k}")
         self._write(trainer, path)  # the file it replaces goes only after this succeeded
-        self._remove_replaced(trainer, dropped, path)
+        self._remove_replaced(trainer, replaced, path)
 
     def _save_last(self, trainer: Trainer, candidates: dict[str, torch.Tensor]) -> None:
-        if not self.save_last:
-            return
-        path = self._free_name(trainer, candidates, self.CHECKPOINT_NAME_LAST, keep=self.last_model_path)
-        previous, self.last_model_path = self.last_model_path, path  # set first: it is part of the saved state
-        self._write(trainer, path)
-        self._remove_replaced(trainer, previous, path)
+        if self.save_last:
+            path = self._free_name(trainer, candidates, self.CHECKPOINT_NAME_LAST, keep=self.last_model_path)
+            replaced, self.last_model_path = self.last_model_path, path  # set first: it is part of the saved state
+            self._write(trainer, path)
+            self._remove_replaced(trainer, replaced, path)
 
     def _free_name(self, trainer: Trainer, candidates: dict[str, torch.Tensor], filename: str | None = None,
                    keep: str | None = None) -> str:
         """The file name for ``candidates``, with a ``-vN`` suffix while another file has it (``keep``: the file
         this save replaces may be overwritten)."""
-        path = self.format_checkpoint_name(candidates, filename)
-        version = self.STARTING_VERSION
+        path, version = self.format_checkpoint_name(candidates, filename), self.STARTING_VERSION
         same = lambda a, b: a == b or (b is not None and _local_path(a) is not None and _local_path(b) is not None
                                        and os.path.realpath(a) == os.path.realpath(b))
         while self._version_counter and not same(path, keep) and self.file_exists(path, trainer):

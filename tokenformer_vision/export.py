@@ -42,6 +42,15 @@ def save_timm_weights(model: nn.Module, out_dir: str | Path, label_names: list[s
     return out_dir
 
 
+def classifier_hparams(checkpoint: dict[str, Any], source: str) -> dict[str, Any]:
+    """The ``hyper_parameters`` of an ImageClassifier checkpoint; a ValueError naming ``source`` for another file."""
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{source} is not a Lightning checkpoint: it has no 'state_dict'")
+    if not (hp := checkpoint.get("hyper_parameters") or {}).get("model_name"):
+        raise ValueError(f"{source} is not an ImageClassifier checkpoint: its hyper_parameters have no 'model_name'")
+    return hp
+
+
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, ema: bool = False, onnx: bool = False,
                       verify: bool = True, opset: int | None = None) -> Path:
     """Export a Lightning checkpoint of ImageClassifier to timm weights (and optionally ONNX).
@@ -55,12 +64,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, ema: bool = False,
         opset: ONNX opset (default: the exporter's).
     """
     checkpoint = read_checkpoint(ckpt_path)  # read once: weights, class names and data config recorded at fit time
-    if not isinstance(checkpoint.get("state_dict"), dict):
-        raise ValueError(f"{ckpt_path} is not a Lightning checkpoint: it has no 'state_dict'")
-    hp = checkpoint.get("hyper_parameters") or {}
-    if not hp.get("model_name"):
-        raise ValueError(f"{ckpt_path} is not an ImageClassifier checkpoint: its hyper_parameters have no "
-                         "'model_name'")
+    hp = classifier_hparams(checkpoint, str(ckpt_path))
     kwargs = {**(hp.get("model_kwargs") or {}), **({"img_size": hp["img_size"]} if hp.get("img_size") else {})}
     model = timm.create_model(hp["model_name"], num_classes=int(hp.get("num_classes") or 0), **kwargs)
     load_weights(model, checkpoint, ema=ema, head="keep", grow=True, name=str(ckpt_path))

@@ -1,12 +1,11 @@
 """Growing a TokenFormer in the middle of training, without Lightning: model, optimizer state and EMA copy.
 
-:meth:`Pattention.grow` appends zero-key tokens (the function is unchanged) as new ``nn.Parameter`` objects, so
-what refers to the old ones follows here. The optimizer: each parameter's group slot and state move to the new
-object, with rows appended on the token axis; ``step`` and the old rows are kept; the new rows' second moment is the
-per-column mean of the old rows, so the new tokens' first updates are not oversized (a zero second moment under a
-large step count gives ≈0.45·lr with β2 = 0.95, ≈3·lr with β2 = 0.999). LR schedulers refer to the optimizer and
-stay valid. An EMA copy (timm ``ModelEmaV3``) grows too, its new rows equal to the model's. Under DDP, wrap the
-model in a new ``DistributedDataParallel`` afterwards (``GrowthCallback`` does that)."""
+:meth:`Pattention.grow` appends zero-key tokens as new ``nn.Parameter`` objects, so what refers to the old ones
+follows here (docs/growth.md). The optimizer state gets rows appended on the token axis (``step`` and the old rows
+kept); the new rows' second moment is the old rows' per-column mean, so the new tokens' first updates are not
+oversized (a zero second moment under a large step count gives ≈0.45·lr with β2 = 0.95, ≈3·lr with β2 = 0.999).
+Under DDP, wrap the model in a new ``DistributedDataParallel`` afterwards (``GrowthCallback`` does that).
+"""
 
 from __future__ import annotations
 
@@ -42,26 +41,24 @@ class GrownParameter:
 
 def grow_model(model: nn.Module, attn_tokens: int | None = None, ffn_tokens: int | None = None, *,
                seed: int | None = None) -> list[GrownParameter]:
-    """Grow ``model`` (e.g. a :class:`~tokenformer_vision.TokenFormerViT`) through its ``grow`` method to the
-    given token counts (None: unchanged) and return the grown parameters, in ``named_parameters()`` order.
-    ``seed`` seeds the new value tokens, so that every DDP rank and a resumed run agree (None: the global RNG)."""
+    """Grow ``model`` through its ``grow`` method to the given token counts (None: unchanged) and return the grown
+    parameters, in ``named_parameters()`` order. ``seed`` seeds the new value tokens, so that every DDP rank and a
+    resumed run agree (None: the global RNG)."""
     if not callable(getattr(model, "grow", None)):
         raise TypeError(f"{type(model).__name__} has no grow() method; growth needs a TokenFormer model")
     before = dict(model.named_parameters())
     generator = None if seed is None else torch.Generator().manual_seed(int(seed))
     model.grow(attn_tokens=attn_tokens, ffn_tokens=ffn_tokens, generator=generator)
     after = dict(model.named_parameters())
-    if set(after) != set(before):
-        raise RuntimeError(f"{type(model).__name__}.grow changed the set of parameter names")
     return [GrownParameter(name, old, after[name], old.shape[0]) for name, old in before.items()
             if after[name] is not old]
 
 
 def grow_param_state(state: Mapping[str, Any], old_rows: int, new_shape: Sequence[int] | torch.Size, *,
                      second_moment: SecondMoment = "mean") -> dict[str, Any]:
-    """Grow one parameter's optimizer state from ``old_rows`` rows to ``new_shape`` by appending rows: the per-column
-    mean of the old rows for second-moment entries (:data:`SECOND_MOMENT_KEYS`) when ``second_moment="mean"``, else
-    zeros. Scalars (``step``) and the old rows are kept exactly. Any other shape (e.g. Adafactor's) is a ValueError.
+    """Grow one parameter's optimizer state from ``old_rows`` rows to ``new_shape``: the appended rows of
+    :data:`SECOND_MOMENT_KEYS` entries are the old rows' per-column mean (``second_moment="mean"``), all others
+    zeros; scalars (``step``) and the old rows are kept. Non-element-wise state (e.g. Adafactor's) is a ValueError.
     """
     if second_moment not in ("mean", "zero"):
         raise ValueError(f"second_moment must be 'mean' or 'zero', got {second_moment!r}")
@@ -87,7 +84,8 @@ def grow_param_state(state: Mapping[str, Any], old_rows: int, new_shape: Sequenc
 
 def grow_optimizer(optimizer: torch.optim.Optimizer, grown: Iterable[GrownParameter], *,
                    second_moment: SecondMoment = "mean") -> None:
-    """Move each grown parameter's param-group slot and (grown) state from its old object to the new one."""
+    """Move each grown parameter's param-group slot and (grown) state from its old object to the new one; LR
+    schedulers refer to the optimizer and stay valid."""
     by_old = {id(g.old): g for g in grown}
     for group in optimizer.param_groups:
         for i, param in enumerate(group["params"]):

@@ -4,21 +4,17 @@ For input ``x``, keys ``K [n, d_in]`` and values ``V [n, d_out]`` (docs/architec
 
     A = x Kᵀ,   r = max(‖A‖₂, eps),   u = τ A / r,   S = GeLU(u),   Y = S V
 
-Compared with plain autograd (which keeps ``A``, ``u`` and ``S`` alive and runs ~10 passes over ``[tokens, n]``):
-
-* the forward works in place on the fresh GEMM output and saves only ``u`` (fp32 inputs) or ``A`` in the input
-  dtype (bf16/fp16: half the memory, ``u`` is recomputed exactly); ``S`` is recomputed in backward;
-* the backward of ``S = GeLU(τ a/r)`` is written by hand. With ``g = ∂L/∂S ⊙ GeLU'(u)``::
+Compared with plain autograd (which keeps ``A``, ``u`` and ``S`` alive and runs ~10 passes over ``[tokens, n]``),
+the forward works in place on the fresh GEMM output and saves only ``u`` (fp32) or ``A`` in the input dtype
+(bf16/fp16: half the memory, ``u`` is recomputed exactly); ``S`` is recomputed in backward, whose part for
+``S = GeLU(τ a/r)`` is written by hand. With ``g = ∂L/∂S ⊙ GeLU'(u)`` (from ∂u_i/∂a_j = τ δ_ij / r − τ a_i a_j / r³
+and a/r = u/τ)::
 
       ∂L/∂a = (τ/r) · (g − u (u·g) / τ²)        if ‖a‖ ≥ eps
       ∂L/∂a = (τ/r) · g                          if ‖a‖ < eps (r = eps is a constant there)
 
-  (from ∂u_i/∂a_j = τ δ_ij / r − τ a_i a_j / r³ and a/r = u/τ), evaluated in place;
-* layers that read the same input (attention Q, K, V) share one GEMM over their concatenated keys.
-
-The norm, τ and GeLU run in at least fp32 (float64 stays float64). Everything is plain torch code, so
-``torch.compile`` traces it without graph breaks. Double backward (``create_graph=True``) differentiates
-:func:`_formula` instead, so higher derivatives stay exact.
+The norm, τ and GeLU run in at least fp32. Plain torch code, so ``torch.compile`` traces it without graph breaks.
+Double backward (``create_graph=True``) differentiates :func:`_formula` instead, exact to any order.
 """
 
 from __future__ import annotations
@@ -41,26 +37,10 @@ def _tau_column(taus: Sequence[Tau]) -> Tau:
     return torch.stack([t.reshape(()) if torch.is_tensor(t) else torch.tensor(float(t)) for t in taus])[:, None]
 
 
-def _cast(tau: Tau, dtype: torch.dtype) -> Tau:
-    return tau.to(dtype) if isinstance(tau, torch.Tensor) else tau
-
-
 def _normalize_inplace(w: torch.Tensor, tau: Tau, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``w ← τ w / max(‖w‖, eps)`` over the last axis, in place. Returns ``(u, raw_norm)``."""
     norm = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
     return w.mul_(tau / norm.clamp_min(eps)), norm
-
-
-def _scores_grad(dS: torch.Tensor, u: torch.Tensor, norm: torch.Tensor, tau: Tau, eps: float,
-                 scratch: torch.Tensor) -> torch.Tensor:
-    """∂L/∂A from ∂L/∂S, in the compute dtype. Overwrites ``dS`` and ``scratch`` (a spare buffer of u's shape):
-    on CPU a fresh ``[tokens, n]`` buffer costs more in page faults than the arithmetic done on it."""
-    g = torch.ops.aten.gelu_backward.grad_input(dS, u, grad_input=dS)
-    dot = torch.mul(u, g, out=scratch).sum(dim=-1, keepdim=True)
-    scale = tau / norm.clamp_min(eps)
-    # the norm term exists only where the clamp is inactive (clamp_min passes gradient at equality, as here)
-    beta = torch.where(norm >= eps, dot * scale / (tau * tau), 0.0)
-    return g.mul_(scale).addcmul_(u, beta, value=-1.0)
 
 
 def _formula(x2d: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], tau: Tau,
@@ -92,7 +72,7 @@ def _forward(x2d: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[t
     cdt = torch.promote_types(scores.dtype, torch.float32)
     widened = scores.dtype != cdt
     w = scores.view(x2d.shape[0], groups, n)
-    u, norm = _normalize_inplace(w.to(cdt) if widened else w, _cast(tau, cdt), eps)
+    u, norm = _normalize_inplace(w.to(cdt) if widened else w, tau.to(cdt) if torch.is_tensor(tau) else tau, eps)
     if for_backward:
         saved, weights = (scores if widened else u), F.gelu(u)
     else:
@@ -125,17 +105,23 @@ class _FusedPattention(torch.autograd.Function):
             grads = [next(got) if need else None for need in (needs[0], *needs[4:])]
             return (grads[0], None, None, None, *grads[1:])
         rows, n, cdt = x2d.shape[0], keys[0].shape[0], torch.promote_types(x2d.dtype, torch.float32)
-        tau_c = _cast(tau, cdt)
-        u = saved if saved.dim() == 3 else _normalize_inplace(saved.view(rows, groups, n).to(cdt), tau_c, eps)[0]
+        tau = tau.to(cdt) if torch.is_tensor(tau) else tau
+        u = saved if saved.dim() == 3 else _normalize_inplace(saved.view(rows, groups, n).to(cdt), tau, eps)[0]
         weights = F.gelu(u)  # recomputed instead of stored
         weights_in = weights.to(x2d.dtype)
         grad_values: list[torch.Tensor | None] = []
         for i, dy in enumerate(grad_outputs):  # a loop, not a comprehension: Dynamo cannot trace `del` of a cell
             grad_values.append(torch.mm(weights_in[:, i].t(), dy) if needs[4 + groups + i] else None)
-        dS = torch.stack([torch.mm(dy, values[i].t()) for i, dy in enumerate(grad_outputs)], dim=1)
         del weights_in
-        # the recomputed weights are dead now: their buffer takes the u·g product
-        dA = _scores_grad(dS.to(cdt), u, norm, tau_c, eps, scratch=weights).to(x2d.dtype).view(rows, groups * n)
+        dS = torch.stack([torch.mm(dy, values[i].t()) for i, dy in enumerate(grad_outputs)], dim=1).to(cdt)
+        # ∂L/∂A in place, in the compute dtype; the dead recomputed weights take the u·g product (on CPU a fresh
+        # [tokens, n] buffer costs more in page faults than the arithmetic done on it)
+        g = torch.ops.aten.gelu_backward.grad_input(dS, u, grad_input=dS)
+        dot = torch.mul(u, g, out=weights).sum(dim=-1, keepdim=True)
+        scale = tau / norm.clamp_min(eps)
+        # the norm term exists only where the clamp is inactive (clamp_min passes gradient at equality, as here)
+        beta = torch.where(norm >= eps, dot * scale / (tau * tau), 0.0)
+        dA = g.mul_(scale).addcmul_(u, beta, value=-1.0).to(x2d.dtype).view(rows, groups * n)
         grad_x = torch.mm(dA, torch.cat(list(keys), dim=0)) if needs[0] else None
         grad_keys = torch.mm(dA.t(), x2d).split(n, dim=0) if any(needs[4: 4 + groups]) else (None,) * groups
         return (grad_x, None, None, None, *grad_keys, *grad_values)

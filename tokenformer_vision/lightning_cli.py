@@ -56,8 +56,7 @@ def resolve_run_checkpoint(which: str, cfg: Any) -> str:
     if isinstance(logger, (Namespace, dict)) and "CSVLogger" in str(_get(logger, "class_path", "")):
         name = _get(logger, "init_args.name")
         log_dir = os.path.join(_get(logger, "init_args.save_dir", "runs"), _run_name(cfg) if name is None else name)
-    path = resolve_checkpoint(which, _get(cfg, "checkpoint.dirpath"), log_dir)
-    if path is None:
+    if (path := resolve_checkpoint(which, _get(cfg, "checkpoint.dirpath"), log_dir)) is None:
         raise UsageError(f"ckpt_path={which}: no earlier run with a loadable last.ckpt under "
                          f"{_get(cfg, 'checkpoint.dirpath') or log_dir} (pass the training config, or a .ckpt path)")
     return path
@@ -94,8 +93,7 @@ class TokenFormerCLI(LightningCLI):
         """Name the run, and resolve ``--ckpt_path last|best`` to a file before LightningCLI reads the
         checkpoint's hyperparameters."""
         super().parse_arguments(parser, args)
-        sub = self.config.get("subcommand")
-        if not sub:
+        if not (sub := self.config.get("subcommand")):
             return
         cfg = self.config[sub]
         self.given_model = {k: _plain(v) for k, v in (_plain(cfg.get("model")) or {}).items()}
@@ -103,8 +101,7 @@ class TokenFormerCLI(LightningCLI):
         if isinstance(logger, Namespace) and "CSVLogger" in str(logger.get("class_path")) \
                 and _get(logger, "init_args.name", "lightning_logs") == "lightning_logs":
             logger.init_args.name = _run_name(cfg)
-        which = cfg.get("ckpt_path")
-        if which not in ("last", "best"):
+        if (which := cfg.get("ckpt_path")) not in ("last", "best"):
             return
         path = resolve_run_checkpoint(which, cfg)
         print(f"tokenformer-vision: ckpt_path={which} -> {path}", file=sys.stderr)

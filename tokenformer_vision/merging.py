@@ -1,9 +1,8 @@
-"""Token merging (ToMe): any trained model runs on fewer tokens, without retraining (README, "Token merging").
+"""Token merging (ToMe): any trained model runs on fewer tokens, without retraining (docs/token_reduction.md).
 
-In every block, between attention and the FFN, the ``r`` most similar pairs of patch tokens (cosine of the attention
-keys, mean over heads; bipartite matching, :func:`merge_pairs`) are merged by a size-weighted average, so the token
-count falls linearly with depth. A size vector ``s`` (patches each token stands for) is carried from block to block,
-and attention is proportional, ``softmax(QKᵀ/√d + log s)``: a merged token keeps the weight of the patches it holds.
+In every block, between attention and the FFN, the ``r`` most similar pairs of patch tokens are merged by a
+size-weighted average (:func:`merge_pairs`). A size vector ``s`` is carried from block to block and attention is
+proportional, ``softmax(QKᵀ/√d + log s)``: a merged token keeps the weight of the patches it holds.
 """
 
 from __future__ import annotations
@@ -24,13 +23,9 @@ def check_rate(value: int) -> int:
 
 @dataclass
 class TokenMerging:
-    """Merging settings shared by a model's blocks, and the size vector of the forward that is running.
-
-    Attributes:
-        r: tokens merged away per block (0: off, the model is exactly the unreduced one).
-        num_prefix_tokens: leading tokens that are never merged (cls, registers).
-        size: ``[B, N]`` patches each current token stands for; None before the first merge of a forward.
-    """
+    """Merging settings shared by a model's blocks: ``r`` tokens merged away per block (0: off), never the
+    ``num_prefix_tokens`` leading ones; ``size [B, N]``: patches each current token stands for, in the running
+    forward (None before its first merge)."""
 
     r: int = 0
     num_prefix_tokens: int = 1
@@ -57,7 +52,7 @@ def merge_pairs(x: torch.Tensor, keys: torch.Tensor, size: torch.Tensor, r: int,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One bipartite soft matching step (ToMe): ``(x [B, N − r, C], size [B, N − r])``. Patch tokens at even
     positions (after the ``prefix`` tokens) form set A, odd positions set B; the ``r`` A tokens most similar to their
-    best B token are added into it (size-weighted average). Output: prefix tokens, unmerged A tokens, then B."""
+    best B token (cosine of the keys) are added into it. Output: prefix tokens, unmerged A tokens, then B."""
     B, N, C = x.shape
     r = min(r, (N - prefix) // 2)
     if r <= 0:

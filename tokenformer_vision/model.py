@@ -1,11 +1,5 @@
-"""TokenFormer vision transformer: timm's ``VisionTransformer`` with every projection a Pattention.
-
-``import tokenformer_vision`` registers ``tokenformer_tiny/small/base/large`` (patch 16, 224²) with timm.
-:class:`TokenFormerViT` is built through the hooks of timm's class (``block_fn``, ``embed_layer``, the head), so
-forward, ``forward_intermediates``, pruning, input resizing, pooling and dynamic sizes are timm's own. It adds growth
-(:meth:`TokenFormerViT.grow`), token routing, token merging, the Pattention patch embedding and head options, and
-the token-count part of :func:`checkpoint_filter_fn`.
-"""
+"""TokenFormer vision transformer: timm's ``VisionTransformer`` with every projection a Pattention, registered with
+timm as ``tokenformer_tiny/small/base/large`` (patch 16, 224²)."""
 
 from __future__ import annotations
 
@@ -32,23 +26,22 @@ register_notrace_module(Pattention)
 
 
 class TokenFormerViT(timm_vit.VisionTransformer):
-    """Vision transformer with Pattention projections (TokenFormer; docs/architecture.md, "References").
+    """Vision transformer with Pattention projections (TokenFormer; docs/architecture.md, "References"), built
+    through the hooks of timm's class (``block_fn``, ``embed_layer``, the head): forward, intermediates, pruning,
+    input resizing, pooling and dynamic sizes are timm's own.
 
     Args:
         img_size, patch_size, in_chans, num_classes, global_pool, embed_dim (d), depth, num_heads, class_token,
-            reg_tokens, fc_norm, dynamic_img_size, dynamic_img_pad, device, dtype: as in timm's ``VisionTransformer``
-            (``num_classes=0``: no head; ``device='meta'`` works).
-        drop_rate, pos_drop_rate, patch_drop_rate, attn_drop_rate, proj_drop_rate, drop_path_rate: timm's dropouts.
+            reg_tokens, fc_norm, dynamic_img_size, dynamic_img_pad, the dropout rates, device, dtype: as in timm's
+            ``VisionTransformer`` (``num_classes=0``: no head; ``device='meta'`` works).
         attn_tokens: parameter tokens of each attention projection (Q, K, V, out); default d.
         ffn_tokens: parameter tokens of the FFN Pattention; default 4·attn_tokens.
         dynamic_scale: official τ = sqrt(current n) (growth then changes the function).
         pattention_embed, embed_tokens: Pattention patch embedding instead of a conv, with ``embed_tokens`` (d).
         pattention_head, head_tokens: Pattention classifier head instead of a linear one, with ``head_tokens`` (d).
-        token_routing: route tokens past blocks (:mod:`tokenformer_vision.routing`): blocks 1.. get a router.
-        routing_threshold: a token skips a block when its keep probability is below ``1 − routing_threshold``.
-        routing_capacity: capacity routing instead: each routed block processes this fraction of patch tokens.
+        token_routing, routing_threshold, routing_capacity, routing_target: token routing (blocks 1.. get a router),
+            its settings as in :class:`~tokenformer_vision.routing.RoutingConfig`.
         routing_loss_weight: λ of :meth:`routing_loss` (default 0, or 2 with ``routing_target``).
-        routing_target: target TLOps fraction of :meth:`routing_loss`, instead of penalising compute.
         merge_tokens: token merging (ToMe, :mod:`tokenformer_vision.merging`): tokens merged away per block (0:
             off); also a settable attribute, so a trained model can be switched on. Not with ``token_routing``.
     """
@@ -69,8 +62,7 @@ class TokenFormerViT(timm_vit.VisionTransformer):
     ) -> None:
         if global_pool not in ("", "token", "avg", "max", "avgmax"):
             raise ValueError(f"global_pool must be '', 'token', 'avg', 'max' or 'avgmax', got {global_pool!r}")
-        # the patch embedding floors the grid: a side that is not a multiple of the patch side would lose its
-        # remainder without a word (30 px with patch 16: one patch, 14 px dropped), unless dynamic_img_pad pads it
+        # the patch embedding floors the grid: without dynamic_img_pad, a ragged edge would be dropped silently
         if img_size is not None and not dynamic_img_pad:
             (h, w), (ph, pw) = to_2tuple(img_size), to_2tuple(patch_size)
             if h % ph or w % pw:
@@ -81,30 +73,28 @@ class TokenFormerViT(timm_vit.VisionTransformer):
                                  "patch_size, or pad each image up to the grid with dynamic_img_pad=True and "
                                  "dynamic_img_size=True.")
         attn_tokens = embed_dim if attn_tokens is None else attn_tokens
-        ffn_tokens = 4 * attn_tokens if ffn_tokens is None else ffn_tokens
         weight = (2.0 if routing_target is not None else 0.0) if routing_loss_weight is None else routing_loss_weight
         config = routing.RoutingConfig(threshold=routing_threshold, capacity=routing_capacity, loss_weight=weight,
                                        target=routing_target, depth=depth,
                                        num_prefix_tokens=int(class_token) + reg_tokens) if token_routing else None
-        block_fn = partial(TokenFormerBlock, attn_tokens=attn_tokens, ffn_tokens=ffn_tokens, routing=config,
-                           value_std=default_value_std(depth, embed_dim), dynamic_scale=dynamic_scale)
-        embed_layer = (partial(PattentionPatchEmbed, num_tokens=embed_tokens) if pattention_embed
-                       else timm_vit.PatchEmbed)
+        block_fn = partial(TokenFormerBlock, attn_tokens=attn_tokens, routing=config, dynamic_scale=dynamic_scale,
+                           ffn_tokens=4 * attn_tokens if ffn_tokens is None else ffn_tokens,
+                           value_std=default_value_std(depth, embed_dim))
+        embed = partial(PattentionPatchEmbed, num_tokens=embed_tokens) if pattention_embed else timm_vit.PatchEmbed
         super().__init__(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads, class_token=class_token,
             reg_tokens=reg_tokens, fc_norm=fc_norm, dynamic_img_size=dynamic_img_size,
             dynamic_img_pad=dynamic_img_pad, drop_rate=drop_rate, pos_drop_rate=pos_drop_rate,
             patch_drop_rate=patch_drop_rate, proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate, embed_layer=embed_layer, block_fn=block_fn, device=device, dtype=dtype,
+            drop_path_rate=drop_path_rate, embed_layer=embed, block_fn=block_fn, device=device, dtype=dtype,
         )
         self.routing = config
         self.merging = merging.TokenMerging(num_prefix_tokens=self.num_prefix_tokens)
         for block in self.blocks:
             block.merging = self.merging
         self.merge_tokens = merge_tokens
-        self.pattention_head = pattention_head
-        self.head_tokens = head_tokens or embed_dim
+        self.pattention_head, self.head_tokens = pattention_head, head_tokens or embed_dim
         if pattention_head:
             self.reset_classifier(num_classes)
 
@@ -130,10 +120,10 @@ class TokenFormerViT(timm_vit.VisionTransformer):
 
     def grow(self, attn_tokens: int | None = None, ffn_tokens: int | None = None, *,
              generator: torch.Generator | None = None) -> None:
-        """Append zero-key parameter tokens to every block (the function is preserved exactly): ``attn_tokens`` /
-        ``ffn_tokens`` (≥ current, None: keep) per attention projection / FFN; ``generator`` draws the new values.
-        The grown tensors are new ``nn.Parameter`` objects: an optimizer holding the old ones must follow
-        (:func:`tokenformer_vision.growth.grow_training_state` does that)."""
+        """Append zero-key parameter tokens to every block, preserving the function: ``attn_tokens`` / ``ffn_tokens``
+        (≥ current, None: keep) per attention projection / FFN; ``generator`` draws the new values. The grown tensors
+        are new ``nn.Parameter`` objects (:func:`tokenformer_vision.growth.grow_training_state` moves an optimizer's
+        state to them)."""
         have = self.token_counts
         for name, new in (("attn_tokens", attn_tokens), ("ffn_tokens", ffn_tokens)):
             if new is not None and (isinstance(new, bool) or not isinstance(new, int) or new < have[name]):
@@ -198,19 +188,20 @@ class TokenFormerViT(timm_vit.VisionTransformer):
         mean = (x[:, p:] * w).sum(1) / w.sum(1)
         return mean if pool_type == "avg" else 0.5 * (x[:, p:].amax(1) + mean)
 
-    def forward_features(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def _begin_forward(self) -> None:
         if self.routing is not None:
-            self.clear_routing_state()  # the statistics always describe this forward
+            self.clear_routing_state()  # the statistics describe this forward only (stop_early runs fewer blocks)
         self.merging.size = None
+
+    def forward_features(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        self._begin_forward()
         if self.merging.r and self.grad_checkpointing and torch.is_grad_enabled():
             raise ValueError("token merging does not combine with grad checkpointing (the recomputed blocks would "
                              "see the final token sizes)")
         return super().forward_features(x, **kwargs)
 
     def forward_intermediates(self, x: torch.Tensor, *args: Any, output_fmt: str = "NCHW", **kwargs: Any) -> Any:
-        if self.routing is not None:
-            self.clear_routing_state()  # stop_early runs fewer blocks: no stale decisions from an earlier forward
-        self.merging.size = None
+        self._begin_forward()
         if self.merging.r and output_fmt == "NCHW":
             raise ValueError("token merging leaves no patch grid: NCHW intermediates (features_only, detection "
                              "backbones) need merge_tokens=0; output_fmt='NLC' gives the merged tokens")
@@ -219,9 +210,8 @@ class TokenFormerViT(timm_vit.VisionTransformer):
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: TokenFormerViT) -> dict[str, torch.Tensor]:
     """Adapt a saved state dict to ``model``: grow the model to the saved token counts, then timm's own filter
-    (wrapper prefixes, position-embedding resampling). Weights with *fewer* tokens than ``model`` cannot load into
-    it (that would need shrinking): ValueError naming both counts. First-release ``blocks.N.mlp.*`` keys are renamed
-    ``blocks.N.ffn.*``."""
+    (position-embedding resampling). Weights with *fewer* tokens than ``model`` are a ValueError naming both counts.
+    First-release ``blocks.N.mlp.*`` keys are renamed ``blocks.N.ffn.*``."""
     # wrapper prefixes (module., _orig_mod.) are gone already: timm's load_state_dict cleans every file it reads
     state = {k.replace(".mlp.", ".ffn.") if ".blocks." in f".{k}" else k: v for k, v in state_dict.items()}
     found, have = architecture(state), architecture(model.state_dict())
@@ -267,11 +257,9 @@ PRESETS: dict[str, dict[str, int]] = {
 # No public ImageNet weights exist: one untagged cfg per model, no url/file, so timm.list_pretrained('tokenformer*')
 # stays empty. Point at your own file with ``pretrained_cfg_overlay=dict(file=PATH)``.
 default_cfgs = generate_default_cfgs({name: {
-    "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-    "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
-    "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-    "first_conv": "patch_embed.proj", "classifier": "head",
-    "license": "apache-2.0", "paper_ids": "arXiv:2410.23168",
+    "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
+    "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+    "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0", "paper_ids": "arXiv:2410.23168",
 } for name in PRESETS})
 
 

@@ -1,5 +1,5 @@
-"""Growing a training checkpoint offline (``tokenformer-vision grow``): the model, its EMA copy and the optimizer
-state grow as :mod:`tokenformer_vision.growth` grows them during training, for when growth cannot happen in the
+"""Growing a training checkpoint offline (``tokenformer-vision grow``): the model, its EMA copy and the optimizer state
+grow as :mod:`tokenformer_vision.growth` grows them during training, for when growth cannot happen in the
 training process (e.g. a sharded FSDP run that is restarted anyway)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .durable_checkpoints import AtomicCheckpointIO
-from .export import _example_input
+from .export import _example_input, classifier_hparams
 from .growth import grow_training_state
 from .weights import read_checkpoint
 
@@ -23,13 +23,8 @@ def classifier_from_checkpoint(checkpoint: dict[str, Any], source: str = "the ch
     reading the file again (built from its hyperparameters, grown to its token counts, its weights loaded)."""
     from .classifier import ImageClassifier  # Lightning and the training stack: only for this command
 
-    if not isinstance(checkpoint.get("state_dict"), dict):
-        raise ValueError(f"{source} is not a Lightning checkpoint: it has no 'state_dict'")
-    hp = checkpoint.get("hyper_parameters") or {}
-    if not hp.get("model_name"):
-        raise ValueError(f"{source} is not an ImageClassifier checkpoint: its hyper_parameters have no 'model_name'")
     accepted = inspect.signature(ImageClassifier).parameters
-    module = ImageClassifier(**{k: v for k, v in hp.items() if k in accepted})
+    module = ImageClassifier(**{k: v for k, v in classifier_hparams(checkpoint, source).items() if k in accepted})
     module.on_load_checkpoint(checkpoint)  # grows the model to the checkpoint's counts, reconciles EMA weights
     module.load_state_dict(checkpoint["state_dict"])
     return module
@@ -49,8 +44,7 @@ def grow_checkpoint(ckpt_path: str, out: str, attn_tokens: int | None = None, ff
     """
     checkpoint = read_checkpoint(ckpt_path)  # the only read of the file
     module = classifier_from_checkpoint(checkpoint, str(ckpt_path))
-    net = module.model
-    have = dict(net.token_counts)
+    net, have = module.model, module.model.token_counts
     for name, new in (("attn_tokens", attn_tokens), ("ffn_tokens", ffn_tokens)):
         if new is not None and new < have[name]:
             raise ValueError(f"growth cannot shrink: {ckpt_path} has {name}={have[name]}, asked for {new}; "
@@ -64,8 +58,7 @@ def grow_checkpoint(ckpt_path: str, out: str, attn_tokens: int | None = None, ff
         optimizer.load_state_dict(state)  # parameters in ImageClassifier.param_groups() order
     grow_training_state(net, attn_tokens, ffn_tokens, optimizer=optimizers, ema=getattr(module, "ema", None),
                         seed=seed)
-    change = float((logits() - before).abs().max())
-    if change > 1e-8:
+    if (change := float((logits() - before).abs().max())) > 1e-8:
         raise RuntimeError(f"growth changed the float64 logits by {change:.3g}; not writing {out}")
     checkpoint["state_dict"] = module.state_dict()
     checkpoint["optimizer_states"] = [opt.state_dict() for opt in optimizers]

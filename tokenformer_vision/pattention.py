@@ -26,10 +26,9 @@ def default_value_std(depth: int, dim: int) -> float:
 class Pattention(nn.Module):
     """Token-parameter attention layer (TokenFormer), a drop-in for a bias-free ``nn.Linear``.
 
-    ``in_features``/``out_features`` are d_in/d_out and ``num_tokens`` is n. ``dynamic_scale``: τ = sqrt(current n)
-    on every call (official; growth then changes the function). ``eps`` floors the row norm. The key tokens are
-    drawn from N(0, ``key_std``²) (official 0.02), the values from N(0, ``value_std``²), default
-    ``2 / sqrt(in_features)`` (wang init at depth 1; models pass ``default_value_std(depth, embed_dim)``).
+    ``in_features``/``out_features`` are d_in/d_out and ``num_tokens`` is n. ``eps`` floors the row norm. Keys are
+    drawn from N(0, ``key_std``²) (official 0.02), values from N(0, ``value_std``²), default ``2 / sqrt(in_features)``
+    (wang init at depth 1; models pass ``default_value_std(depth, embed_dim)``).
     """
 
     tau: torch.Tensor
@@ -41,20 +40,17 @@ class Pattention(nn.Module):
         for name, value in (("in_features", in_features), ("out_features", out_features), ("num_tokens", num_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Pattention: {name} must be a positive int, got {value!r}")
-        dd = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.dynamic_scale = in_features, out_features, dynamic_scale
         self.eps, self.key_std = eps, key_std
         self.value_std = value_std if value_std is not None else default_value_std(1, in_features)
-        self.key_param = nn.Parameter(torch.empty(num_tokens, in_features, **dd))
-        self.value_param = nn.Parameter(torch.empty(num_tokens, out_features, **dd))
-        # τ is part of the function, not of the optimiser: a persistent buffer, saved with the weights so that a
-        # grown checkpoint keeps the τ it was trained with.
+        self.key_param = nn.Parameter(torch.empty(num_tokens, in_features, device=device, dtype=dtype))
+        self.value_param = nn.Parameter(torch.empty(num_tokens, out_features, device=device, dtype=dtype))
+        # a persistent buffer, not a parameter: a grown checkpoint keeps the τ it was trained with
         self.register_buffer("tau", torch.tensor(math.sqrt(num_tokens), device=device, dtype=torch.float32))
         self.reset_parameters()
 
     @property
     def num_tokens(self) -> int:
-        """Current number of parameter tokens n."""
         return self.key_param.shape[0]
 
     def reset_parameters(self) -> None:
@@ -74,12 +70,10 @@ class Pattention(nn.Module):
     def grow(self, num_tokens: int, *, generator: torch.Generator | None = None) -> None:
         """Append parameter tokens up to ``num_tokens``: zero keys, N(0, value_std²) values, τ unchanged.
 
-        Zero keys score exactly 0 against every input, GeLU(0) = 0 and the row norm is unchanged, so the function
-        is preserved (up to summation order); random values let the new tokens' keys receive gradient. The grown
-        tensors are new ``nn.Parameter`` objects: an in-place ``p.data = bigger`` would leave autograd's gradient
-        accumulator and DDP's reducer at the old shape (:func:`tokenformer_vision.growth.grow_training_state` moves
-        the optimizer state). ``generator`` draws the new values on the CPU, so that every rank and a resumed run
-        draw the same ones (None: the global RNG).
+        Zero keys score 0 against every input, GeLU(0) = 0 and the row norm is unchanged, so the function is
+        preserved (up to summation order); random values let the new keys receive gradient. The grown tensors are
+        new ``nn.Parameter`` objects, as autograd's gradient accumulator and DDP's reducer hold the old shape.
+        ``generator`` draws the new values on the CPU, so that every rank and a resumed run agree.
         """
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < self.num_tokens:
             raise ValueError(f"Pattention.grow: cannot shrink or keep a non-int token count: have {self.num_tokens} "
@@ -90,13 +84,11 @@ class Pattention(nn.Module):
         for name, rows in (("key_param", torch.zeros(extra, self.in_features)), ("value_param", values)):
             old = getattr(self, name)
             new = nn.Parameter(torch.cat([old, rows.to(old.device, old.dtype)]), requires_grad=old.requires_grad)
-            # a pending gradient (mid accumulation) keeps its rows; the new tokens' rows are zero, as they took
-            # no part in the forward that produced it
-            if old.grad is not None:
+            if old.grad is not None:  # mid accumulation: the new tokens took no part in the pending gradient
                 new.grad = torch.cat([old.grad, old.grad.new_zeros(extra, *old.grad.shape[1:])])
             setattr(self, name, new)
 
     def extra_repr(self) -> str:
-        tau = "dynamic" if self.dynamic_scale else f"{float(self.tau):.4g}" if not self.tau.is_meta else "meta"
+        tau = "dynamic" if self.dynamic_scale else "meta" if self.tau.is_meta else f"{float(self.tau):.4g}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"num_tokens={self.num_tokens}, tau={tau}")

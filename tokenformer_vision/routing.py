@@ -1,20 +1,11 @@
 """Token routing: each routed block processes only some tokens, and the saving is real compute.
 
-Every block after the first has a router (:func:`make_router`) giving each token a *keep probability*
-``k = sigmoid(logit)`` (k ≈ 0.73 at init); prefix (cls) tokens are always processed (README, "Token routing"):
-
-- **Threshold** (token-selective routing): a token is processed when ``k ≥ 1 − routing_threshold`` (and, with a
-  per-block minimum ``RoutingConfig.min_fraction``, when it is among its image's highest-logit tokens). Training
-  uses the hard decisions with a straight-through estimator (skipped tokens are masked out of attention and get no
-  update; the gradient reaches ``k``); inference runs the block's per-token layers on the processed tokens of the
-  batch packed together and attention on each image's processed tokens, so the cost follows the tokens processed.
-  :func:`routing_loss` penalises the fraction processed, with a weight λ or towards a target TLOps fraction
-  (annealed from 1 over ``RoutingConfig.anneal_steps`` training steps).
-- **Capacity** (Mixture-of-Depths): each routed block processes the top ``capacity`` fraction of patch tokens by
-  logit. Static shapes: training saves compute too and ``torch.compile`` needs no graph break.
-
-Compute is counted in token-layer operations (TLOps): the mean over blocks of the fraction of tokens each block
-processes (:class:`RoutingStats`).
+Every block after the first has a router giving each token a keep probability ``k = sigmoid(logit)``; prefix (cls)
+tokens are always processed (docs/token_reduction.md). **Threshold** routing processes a token when
+``k ≥ 1 − threshold``: straight-through in training (skipped tokens are masked out of attention, the gradient
+reaches ``k``), packed at inference so the cost follows the tokens processed. **Capacity** routing
+(Mixture-of-Depths) processes the top ``capacity`` fraction of patch tokens by logit: static shapes, so training
+saves compute too. Compute is counted in token-layer operations (TLOps, :class:`RoutingStats`).
 """
 
 from __future__ import annotations
@@ -24,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from timm.layers import Mlp
 from torch import nn
 
 __all__ = ["RoutingConfig", "RoutingStats", "routing_loss", "routing_stats", "routing_depth_map"]
@@ -47,15 +37,13 @@ class RoutingConfig:
         threshold: a token skips a block when its keep probability is below ``1 − threshold`` (0.5: the paper's).
         capacity: fraction of patch tokens each routed block processes (top-k by logit); None: threshold routing.
         loss_weight, target: λ and target TLOps fraction of :func:`routing_loss` (target None: penalise compute).
-        depth: number of blocks of the model (to convert ``target`` into a per-block fraction).
-        num_prefix_tokens: leading tokens that are always processed (cls, registers).
+        depth: number of blocks of the model; num_prefix_tokens: leading tokens always processed (cls, registers).
         bias_init: initial bias of the router's last layer (keep probability sigmoid(bias)).
-        min_fraction: threshold routing: every image's highest-logit patch tokens, this fraction of them, run every
-            routed block whatever their keep probability (None or 0: no minimum).
-        anneal_steps: the per-block target of :func:`routing_loss` falls linearly from 1 (process everything) to
-            its final value over this many training steps (0: the final value from the first step).
-        step: training steps so far (advanced by :func:`routing_loss`); sets the annealed target. It is not part of
-            the model's state dict: a run resumed from a checkpoint anneals again unless ``step`` is set.
+        min_fraction: threshold routing: this fraction of every image's highest-logit patch tokens runs every
+            routed block whatever its keep probability (None or 0: no minimum).
+        anneal_steps: the per-block target falls linearly from 1 over this many training steps (0: no annealing).
+        step: training steps so far, advanced by :func:`routing_loss`; not in the state dict (a resumed run
+            anneals again unless it is set).
     """
 
     threshold: float = 0.5
@@ -82,20 +70,14 @@ class RoutingConfig:
                 raise ValueError(f"routing {name} must be an integer >= 0, got {value!r}")
 
     def block_target(self, routed: int) -> float | None:
-        """Per-block processed fraction that :func:`routing_loss` aims at now, with ``routed`` routed blocks: the
-        TLOps ``target`` over all blocks becomes α* = (depth · target − unrouted blocks) / routed blocks, reached
-        linearly from 1 over ``anneal_steps`` training steps; None without a target."""
+        """Per-block processed fraction :func:`routing_loss` aims at now (None without a target): the TLOps
+        ``target`` becomes α* = (depth · target − unrouted blocks) / routed blocks, annealed from 1."""
         if self.target is None:
             return None
         alpha = min(1.0, max(0.0, (self.depth * self.target - (self.depth - routed)) / max(routed, 1)))
         if self.anneal_steps > 0:
             alpha = 1.0 - (1.0 - alpha) * min(1.0, self.step / self.anneal_steps)
         return alpha
-
-
-def make_router(dim: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Mlp:
-    """The per-token router: timm ``Mlp(d → d/4 → 1)`` with ReLU; its output is the keep logit."""
-    return Mlp(dim, max(dim // 4, 1), out_features=1, act_layer=nn.ReLU, device=device, dtype=dtype)
 
 
 def route_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -106,12 +88,11 @@ def route_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     logits = block.router(x).squeeze(-1).float()
     prefix = logits.new_full((x.shape[0], cfg.num_prefix_tokens), float("inf"))
     logits = torch.cat([prefix, logits[:, cfg.num_prefix_tokens:]], dim=1)
-    keep = torch.sigmoid(logits)
-    block.last_keep = keep
+    keep = block.last_keep = torch.sigmoid(logits)
     if cfg.capacity is not None:
         return _route_capacity(block, x, logits, keep, cfg)
     processed = keep >= 1.0 - cfg.threshold
-    if cfg.min_fraction:  # every image's ``minimum`` highest-logit patch tokens run the block whatever their k
+    if cfg.min_fraction:
         p = cfg.num_prefix_tokens
         minimum = min(N - p, math.ceil(cfg.min_fraction * (N - p)))
         if minimum > 0:
@@ -122,14 +103,8 @@ def route_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         gate = processed.to(keep.dtype) + (keep - keep.detach())
         mask = torch.zeros_like(keep).masked_fill(~processed, float("-inf"))[:, None, None, :]
         return block.forward_gated(x, gate=gate, attn_mask=mask)
-    return _route_gathered(block, x, processed)
-
-
-def _route_gathered(block: nn.Module, x: torch.Tensor, processed: torch.Tensor) -> torch.Tensor:
-    """Inference: the block runs on each image's processed tokens only (``TokenFormerBlock.forward_packed``: the
-    per-token layers on the packed tokens of the batch, attention on images grouped by their counts)."""
     counts = processed.sum(1).cpu()  # one host sync: the shapes depend on the data
-    if bool((counts == x.shape[1]).all()):
+    if bool((counts == N).all()):
         return block.forward_gated(x)
     return block.forward_packed(x, processed, counts)
 
@@ -156,11 +131,10 @@ def _routed(blocks: Sequence[nn.Module]) -> list[tuple[int, nn.Module]]:
 
 
 def routing_loss(blocks: Sequence[nn.Module], cfg: RoutingConfig) -> torch.Tensor:
-    """Compute penalty of the last forward: λ · fraction processed, or λ · (fraction − per-block target)²; zero
-    when no routed block ran. The fraction is straight-through (its value is the hard fraction of patch tokens
-    processed, its gradient reaches the keep probabilities); the per-block target is
-    :meth:`RoutingConfig.block_target`. Call it once per training step: after a training forward it advances
-    ``cfg.step``, the annealing schedule."""
+    """Compute penalty of the last forward: λ · fraction processed, or λ · (fraction − per-block target)²
+    (:meth:`RoutingConfig.block_target`); zero when no routed block ran. The fraction is straight-through (the hard
+    fraction of patch tokens processed, its gradient reaching the keep probabilities). Call it once per training
+    step: after a training forward it advances ``cfg.step``."""
     ran = [b for _, b in _routed(blocks) if b.last_keep is not None]
     alpha = cfg.block_target(len(_routed(blocks)))
     if any(b.training for b in ran):
@@ -203,12 +177,8 @@ def routing_depth_map(blocks: Sequence[nn.Module]) -> torch.Tensor:
 
 @dataclass
 class RoutingStats:
-    """Token-layer operations of one or more forwards.
-
-    Attributes:
-        processed: ``[L, B]`` number of tokens each block processed, per image (block 0: all of them).
-        tokens: tokens per image entering each block (N, prefix included).
-    """
+    """Token-layer operations of one or more forwards: ``processed [L, B]`` tokens each block processed, per image
+    (block 0: all), of ``tokens`` (N, prefix included) entering each block."""
 
     processed: torch.Tensor
     tokens: int

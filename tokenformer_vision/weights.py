@@ -26,7 +26,6 @@ __all__ = ["load_weights", "read_checkpoint", "select_weights", "token_counts", 
 # Prefix of the timm model inside ImageClassifier's state dict, and of its EMA copy (timm ModelEmaV3 at ``.ema``).
 MODEL_PREFIX, EMA_PREFIX = "model.", "ema.module."
 WEIGHTS_FILE = "model.safetensors"  # the weights of an export folder (timm's local-dir / Hugging Face layout)
-
 # what torch.save itself writes into a pickle: not worth naming when a file is refused
 _TENSOR_GLOBALS = re.compile(r"^(torch\._utils\._rebuild_\w+|torch\.\w*Storage|collections\.OrderedDict|"
                              r"torch\.(Size|device|\w*float\w*|\w*int\d*|bool|half|double|long))$")
@@ -52,9 +51,9 @@ def _imported_globals(path: Path) -> list[str]:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint or weights file into a dict: ``.safetensors`` with safetensors, anything else with
-    ``torch.load(weights_only=True)``. FileNotFoundError, or ValueError for an empty, truncated or corrupt file, a
-    pickle that asks to import something (named; it is never loaded), or a file that holds no mapping."""
+    """Read a checkpoint or weights file (``.safetensors``, or anything ``torch.load(weights_only=True)`` reads)
+    into a dict. FileNotFoundError, or ValueError for an empty, truncated or corrupt file, a pickle that asks to import
+    something (named; it is never loaded), or a file that holds no mapping."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -70,8 +69,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        if imports := _imported_globals(path):
-            # never loaded with weights_only=False: a weights file needs no imports, and this one could run code
+        if imports := _imported_globals(path):  # never retried with weights_only=False: it could run code
             names = ", ".join(f"`{g}`" for g in imports[:5])
             raise ValueError(f"refused to load {path}: the file asks to import {names}; weights need no imports "
                              "beyond tensors, so it is not loaded (it may be trying to run code)") from None
@@ -86,8 +84,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def select_weights(checkpoint: Mapping[str, Any], ema: bool | None = None) -> dict[str, torch.Tensor]:
     """The plain model state dict of a checkpoint (an ImageClassifier ``.ckpt``, a timm training checkpoint or a
-    plain state dict), wrapper prefixes stripped by timm's ``clean_state_dict``. ``ema``: True: the EMA weights (an
-    error when there are none); False: the raw weights; None: the EMA weights when present, else raw."""
+    state dict), wrapper prefixes stripped. ``ema``: True: the EMA weights (an error without them); False: the raw
+    weights; None: the EMA weights when present, else raw."""
     state = next((checkpoint[k] for k in ("state_dict", "model") if isinstance(checkpoint.get(k), Mapping)), checkpoint)
     ema_state = next((checkpoint[k] for k in ("state_dict_ema", "model_ema")  # timm's train.py layouts
                       if isinstance(checkpoint.get(k), Mapping)),
@@ -99,8 +97,7 @@ def select_weights(checkpoint: Mapping[str, Any], ema: bool | None = None) -> di
         state = ema_state
     elif any(k.startswith(MODEL_PREFIX) for k in state):
         state = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
-    state = {k: v for k, v in clean_state_dict(dict(state)).items() if torch.is_tensor(v)}
-    if not state:
+    if not (state := {k: v for k, v in clean_state_dict(dict(state)).items() if torch.is_tensor(v)}):
         raise ValueError("the checkpoint holds no tensors")
     return state
 
@@ -139,14 +136,12 @@ def describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> st
     """One sentence naming how ``state`` differs from ``model`` (architecture first, then keys), None if it fits."""
     own = model.state_dict()
     saved, have = architecture(state), architecture(own)
-    diffs = [f"{k} {saved[k]} in the weights vs {have[k]} in the model" for k in
-             ("embed_dim", "depth", "attn_tokens", "ffn_tokens", "num_classes")
-             if saved.get(k) is not None and have.get(k) is not None and saved[k] != have[k]]
-    if diffs:
-        hint = (f" (use data with {saved['num_classes']} classes, or start a model for {have['num_classes']} classes "
-                "from these weights with --model.pretrained, which gives it a new head)"
-                if saved.get("num_classes") and have.get("num_classes") and saved["num_classes"] != have["num_classes"]
-                else "")
+    if diffs := [f"{k} {saved[k]} in the weights vs {have[k]} in the model" for k in
+                 ("embed_dim", "depth", "attn_tokens", "ffn_tokens", "num_classes")
+                 if saved.get(k) is not None and have.get(k) is not None and saved[k] != have[k]]:
+        new, old = have["num_classes"], saved["num_classes"]
+        hint = (f" (use data with {old} classes, or start a model for {new} classes from these weights with "
+                "--model.pretrained, which gives it a new head)" if old and new and old != new else "")
         return "; ".join(diffs) + hint
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
               if k in own and v.shape != own[k].shape]
@@ -162,8 +157,7 @@ def grow_to_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None
     saved, have = token_counts(state), getattr(model, "token_counts", None)
     if not saved or not have or not callable(getattr(model, "grow", None)) or saved == have:
         return
-    fewer = [f"{k}: model {have[k]}, weights {v}" for k, v in saved.items() if v < have[k]]
-    if fewer:
+    if fewer := [f"{k}: model {have[k]}, weights {v}" for k, v in saved.items() if v < have[k]]:
         raise ValueError(f"the weights have fewer parameter tokens than the model ({', '.join(fewer)}): build the "
                          "model with the weights' attn_tokens/ffn_tokens")
     model.grow(**saved)
@@ -174,34 +168,29 @@ def load_weights(model: nn.Module, source: Source, *, ema: bool | None = None, h
     """Load ``source`` into ``model`` in place: the one way the package loads weights.
 
     Args:
-        model: a timm model (TokenFormer or any ViT); its family's ``checkpoint_filter_fn`` adapts the weights
-            (e.g. resamples the position embedding to the model's input size).
-        source: a ``.ckpt`` (Lightning, from ImageClassifier), ``.pth``/``.pt`` (a state dict or a timm training
-            checkpoint), ``.safetensors``, an export folder, or a checkpoint / state dict already in memory.
-        ema: True: the checkpoint's EMA weights (an error without them); False: the raw weights; None: EMA if any.
-        head: ``"keep"``: load the saved classifier (its classes must match); ``"reset"``: leave the model's own head
-            as built (fine-tuning to other classes); ``"drop"``: ignore the saved head and remove the model's
-            (``reset_classifier(0)``, e.g. for a backbone); ``"auto"``: keep when the classes match, else reset.
+        model: a timm ViT or TokenFormer; its family's ``checkpoint_filter_fn`` adapts the weights (e.g. resamples
+            the position embedding to the model's input size).
+        source: a ``.ckpt`` (ImageClassifier), ``.pth``/``.pt`` (a state dict or a timm training checkpoint),
+            ``.safetensors``, an export folder, or a checkpoint / state dict already in memory.
+        ema: True: the EMA weights (an error without them); False: the raw weights; None: EMA if any.
+        head: ``"keep"``: the saved classifier (its classes must match); ``"reset"``: the model's own head, as built
+            (fine-tuning to other classes); ``"drop"``: no head (``reset_classifier(0)``, e.g. for a backbone);
+            ``"auto"``: keep when the classes match, else reset.
         grow: grow a TokenFormer to the saved token counts; without it, other counts are a mismatch.
-        name: what the messages call the source (default: its path; a checkpoint in memory: "the given weights").
+        name: what the messages call the source (default: its path, or "the given weights").
 
     Returns ``{"source": name, "head": "loaded" | "reset" | "dropped" | "none", "token_counts": ... | None}``.
-    Raises ValueError naming what differs (embed_dim, depth, token counts, classes), FileNotFoundError, or the
-    read errors of :func:`read_checkpoint`.
+    Raises ValueError naming what differs, FileNotFoundError, or the errors of :func:`read_checkpoint`.
     """
     if head not in ("keep", "reset", "drop", "auto"):
         raise ValueError(f"head must be 'keep', 'reset', 'drop' or 'auto', got {head!r}")
     if isinstance(source, Mapping):
         checkpoint, name = source, name or "the given weights"
     else:
-        path = Path(source)
-        if path.is_dir():  # an export folder: its model.safetensors
-            if not (path / WEIGHTS_FILE).is_file():
-                raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path}: not an export folder")
-            path = path / WEIGHTS_FILE
+        if (path := Path(source)).is_dir() and not (path := path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path.parent}: not an export folder")
         checkpoint, name = read_checkpoint(path), name or str(path)
     state = select_weights(checkpoint, ema=ema)
-    state = {k.replace(".mlp.", ".ffn.") if k.startswith("blocks.") else k: v for k, v in state.items()}
     cfg = getattr(model, "pretrained_cfg", None) or {}
     model_name = cfg.get("architecture") or type(model).__name__
     if not any(k.startswith("blocks.") for k in state):
@@ -211,40 +200,35 @@ def load_weights(model: nn.Module, source: Source, *, ema: bool | None = None, h
         raise ValueError(f"{name} is inconsistent: its token_counts say {dict(counts)}, its weights have {real}")
     classifier = cfg.get("classifier", "head")
     heads = tuple(f"{h}." for h in ((classifier,) if isinstance(classifier, str) else classifier))
-    saved_head = {k: v for k, v in state.items() if k.startswith(heads)}
+    saved_head = {k for k in state if k.startswith(heads)}
     classes, want = head_classes(state), getattr(model, "num_classes", None)
     if head == "auto":
         head = "keep" if not saved_head or classes == want else "reset"
-    body = {k: v for k, v in state.items() if k not in saved_head}
     saved, have = architecture(state), architecture(model.state_dict())
-    other = [f"{k}: weights {saved[k]}, model {have[k]}" for k in ("embed_dim", "depth")
-             if saved[k] and have[k] and saved[k] != have[k]]
-    if other:
+    if other := [f"{k}: weights {saved[k]}, model {have[k]}" for k in ("embed_dim", "depth")
+                 if saved[k] and have[k] and saved[k] != have[k]]:
         raise ValueError(f"{name} does not fit {model_name}: the weights are of another model ({', '.join(other)})")
     diffs = []
-    if not grow and real and getattr(model, "token_counts", None):
-        diffs += [f"{k} {v} in the weights vs {model.token_counts[k]} in the model" for k, v in real.items()
-                  if v != model.token_counts[k]]
+    if not grow and real and (model_tokens := getattr(model, "token_counts", None)):
+        diffs = [f"{k} {v} in the weights vs {model_tokens[k]} in the model" for k, v in real.items()
+                 if v != model_tokens[k]]
+    hints = ["grow=True grows the model to the weights' tokens"] if diffs else []
     if head == "keep" and classes != (want or 0) and (saved_head or want):
         diffs.append(f"num_classes {classes} in the weights vs {want} in the model")
+        hints.insert(0, "head='reset' fine-tunes to the model's classes")
     if diffs:
-        hints = [hint for key, hint in (("num_classes", "head='reset' fine-tunes to the model's classes"),
-                                        ("tokens", "grow=True grows the model to the weights' tokens"))
-                 if any(key in d for d in diffs)]
-        raise ValueError(f"{name} does not fit {model_name}: {'; '.join(diffs)}"
-                         + (f" ({'; '.join(hints)})" if hints else ""))
+        raise ValueError(f"{name} does not fit {model_name}: {'; '.join(diffs)} ({'; '.join(hints)})")
     if head == "drop" and want:
         model.reset_classifier(0)
-    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    loaded = {**body, **(saved_head if head == "keep" else {})}
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", lambda sd, _: sd)
+    loaded = state if head == "keep" else {k: v for k, v in state.items() if k not in saved_head}
     try:
         if grow:
             grow_to_weights(model, state)
-        if filter_fn is not None:
-            loaded = filter_fn(loaded, model)
+        loaded = filter_fn(loaded, model)
     except (KeyError, RuntimeError, ValueError) as err:  # timm's filters fail on foreign layouts with raw errors
         raise ValueError(f"{name} does not fit {model_name}: {err}") from err
-    if head != "keep":
+    if head != "keep":  # the model's own head (or none, dropped) stands in for the saved one
         loaded = {**loaded, **{k: v for k, v in model.state_dict().items() if k.startswith(heads)}}
     if problem := describe_mismatch(model, loaded):
         raise ValueError(f"{name} does not fit {model_name}: {problem}")

@@ -2,18 +2,13 @@
 
 Batches: train/val/test ``(images float32 [B, 3, H, W], targets int64 [B])``; predict ``(images, targets,
 indices)``, ``targets = -1`` where unknown, ``indices`` into :meth:`predict_names`. Unreadable images are dropped
-from their batch; a batch of only unreadable images is ``None`` (the training loop skips it; eval/predict steps
-return ``None`` for it). Training batches depend on ``(seed, epoch)`` alone (:class:`EpochSampler`), and the train
-DataLoader (:class:`ResumableDataLoader`) is saved in Lightning checkpoints: a fit resumes at the next batch.
+from their batch; a batch of only unreadable images is ``None``. Training batches depend on ``(seed, epoch)`` alone
+(:class:`EpochSampler`), and a fit resumes at the next batch (:class:`ResumableDataLoader`).
 """
 
 from __future__ import annotations
 
-import functools
-import multiprocessing
-import multiprocessing.context
 import os
-import random
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -29,36 +24,23 @@ __all__ = ["ImageClassificationDataModule"]
 
 
 class SkipCounter:
-    """Count of unreadable images shared by the main process and its DataLoader workers (any start method): lock-free
-    shared memory, one slot per process (by pid), summed when read; pickled outside a worker spawn, a local counter."""
-
-    _SLOTS = 1024
+    """Count of unreadable images shared by a process and its DataLoader workers (any start method): a shared-memory
+    tensor with one slot per process (by pid, so no lock), summed when read; a plain pickle copies the count."""
 
     def __init__(self, start: int = 0) -> None:
-        # RawArray has no SemLock, so it can also be handed to spawn/forkserver workers
-        self._slots = multiprocessing.RawArray("q", self._SLOTS)
-        self._slots[0] = start
+        self.slots = torch.zeros(1024, dtype=torch.int64).share_memory_()
+        self.slots[0] = start
 
     def reset(self, value: int = 0) -> None:
         """Set the count (e.g. restored from a checkpoint) while no worker is running."""
-        self._slots[:] = [value] + [0] * (self._SLOTS - 1)
+        self.slots.zero_()[0] = value
 
     def increment(self) -> None:
-        self._slots[os.getpid() % self._SLOTS] += 1  # one writer per slot, barring pid collisions mod _SLOTS
+        self.slots[os.getpid() % len(self.slots)] += 1  # one writer per slot, barring pid collisions
 
     @property
     def value(self) -> int:
-        return int(sum(self._slots))
-
-    def __getstate__(self) -> dict[str, Any]:
-        spawning = multiprocessing.context.get_spawning_popen() is not None
-        return {"shared": self._slots} if spawning else {"start": self.value}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if "shared" in state:
-            self._slots = state["shared"]
-        else:
-            self.__init__(state["start"])
+        return int(self.slots.sum())
 
 
 def collate_skip_none(batch: list) -> Any:
@@ -75,9 +57,9 @@ def derive_seed(*keys: int) -> int:
 
 class EpochSampler(DistributedSampler):
     """Training sampler whose order and augmentations are a function of ``(seed, epoch)`` alone, so an epoch replays
-    bit for bit after a resume with any number of workers: the shuffle's generator is seeded from (seed, epoch) (the
-    same on every rank, which takes its ``rank::num_replicas`` share, padded like ``DistributedSampler``), and each
-    index comes with its augmentation seed. Lightning calls :meth:`set_epoch` and keeps it under DDP."""
+    bit for bit after a resume with any number of workers. Every rank draws the same order and takes its
+    ``rank::num_replicas`` share (padded like ``DistributedSampler``); each index comes with its augmentation seed.
+    Being a ``DistributedSampler``, Lightning keeps it under DDP and calls :meth:`set_epoch`."""
 
     def __init__(self, dataset: Dataset, seed: int = 0, epoch: int = 0, num_replicas: int = 1, rank: int = 0,
                  shuffle: bool = True) -> None:
@@ -91,99 +73,56 @@ class EpochSampler(DistributedSampler):
         rng = np.random.default_rng(derive_seed(self.seed, self.epoch))
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         aug_seeds = rng.integers(0, 2**63, size=n, dtype=np.int64)
-        order = np.resize(order, self.total_size)[self.rank:self.total_size:self.num_replicas]  # pads by wrapping
-        order = order[start:]
+        order = np.resize(order, self.total_size)[self.rank:self.total_size:self.num_replicas][start:]
         return zip(order.tolist(), aug_seeds[order].tolist(), strict=True)
 
 
 class ResumableDataLoader(DataLoader):
-    """A ``DataLoader`` that Lightning checkpoints and resumes, because it has ``state_dict``/``load_state_dict``:
-    the state is the sampler's epoch and the batches of that epoch handed out so far, so that a fit resumed from a
-    mid-epoch checkpoint continues with the next batch and one resumed from an end-of-epoch checkpoint starts the
-    next epoch (Lightning sets it on the sampler), with any number of workers.
-
-    An iteration starts at its first ``next()``, not at ``iter()``: Lightning calls ``iter()`` before it sets the
-    epoch on the sampler, and worker processes draw the sampler's indices (and are seeded) as soon as the iterator
-    exists, which made a resumed run replay the checkpoint's epoch. Batches are skipped through the sampler's
-    ``start`` (:class:`EpochSampler`) without loading them, or else fetched and dropped."""
+    """A ``DataLoader`` whose state (the sampler's epoch, the batches of it handed out) Lightning checkpoints: a fit
+    resumed from a mid-epoch checkpoint continues with the next batch, with any number of workers. Resumed batches
+    are skipped through the sampler's ``start`` (:class:`EpochSampler`) without loading them, or else dropped."""
 
     _resume: tuple[int, int] | None = None  # (epoch, batches) restored by load_state_dict, used by the next iteration
     _progress: list[int] | None = None  # [epoch, batches handed out] of the latest iteration
 
-    def _sampler_epoch(self) -> int:
-        return int(getattr(self.sampler, "epoch", 0))
-
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "batches"}``: the epoch of the latest iteration and the batches it has handed out."""
-        epoch, batches = self._resume or self._progress or (self._sampler_epoch(), 0)
+        epoch, batches = self._resume or self._progress or (getattr(self.sampler, "epoch", 0), 0)
         return {"epoch": int(epoch), "batches": int(batches)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Make the next iteration continue ``state_dict``'s epoch after its ``batches``, unless the sampler's epoch
-        is changed before it starts (Lightning does so when the checkpoint's epoch was complete)."""
+        is changed before it starts (as Lightning does when that epoch was complete)."""
         epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
-        if batches < 0:
-            raise ValueError(f"ResumableDataLoader: a negative batch count in the state: {state_dict}")
-        if callable(getattr(self.sampler, "set_epoch", None)):
+        if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
         self._resume = (epoch, batches)
 
     def __iter__(self) -> Iterator[Any]:
-        return _LazyIterator(self)
-
-    def _start(self) -> Iterator[Any]:
-        """The underlying iterator of the current sampler epoch, past the batches to resume after."""
-        epoch, skip = self._sampler_epoch(), 0
+        # a generator, started by the first next(): Lightning calls iter() before it sets the sampler's epoch, and
+        # workers draw the sampler's indices as soon as the DataLoader iterator exists
+        epoch, skip = int(getattr(self.sampler, "epoch", 0)), 0
         if self._resume is not None:
-            if self._resume[0] == epoch:
-                skip = self._resume[1]
+            skip = self._resume[1] if self._resume[0] == epoch else 0
             self._resume = None
-        self._progress = [epoch, skip]
+        progress = self._progress = [epoch, skip]
         by_sampler = skip and self.batch_size is not None and hasattr(self.sampler, "start")
         if by_sampler:
             self.sampler.start = skip * self.batch_size
         iterator = super().__iter__()
         for _ in range(0 if by_sampler else skip):
             next(iterator, None)
-        return iterator
+        for batch in iterator:
+            progress[1] += 1
+            yield batch
 
 
-class _LazyIterator(Iterator[Any]):
-    """Starts the loader's iteration at the first ``next()`` and counts the batches it hands out."""
-
-    def __init__(self, loader: ResumableDataLoader) -> None:
-        self.loader, self.iterator, self.progress = loader, None, [0, 0]
-
-    def __next__(self) -> Any:
-        if self.iterator is None:
-            self.iterator = self.loader._start()
-            self.progress = self.loader._progress  # shared: the loader's state_dict reads it
-        batch = next(self.iterator)
-        self.progress[1] += 1
-        return batch
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-
-def seed_worker(worker_id: int, rank: int = 0, sampler: Any = None) -> None:
-    """DataLoader ``worker_init_fn``: own random streams per worker and rank (forked workers inherit identical
-    generators), from (seed, epoch at worker start, rank, worker id) of an :class:`EpochSampler`, else from
-    ``info.seed`` (per worker and epoch) and the rank, since ranks usually seed identically."""
-    if (info := get_worker_info()) is None:
-        return
-    if hasattr(sampler, "seed") and hasattr(sampler, "epoch"):
-        seed = derive_seed(sampler.seed, sampler.epoch, rank, worker_id)
-    else:
-        seed = derive_seed(info.seed, rank)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-    torch.manual_seed(seed)
-    dataset = info.dataset
-    while not hasattr(dataset, "reseed") and hasattr(dataset, "dataset"):  # unwrap Subset-like wrappers
-        dataset = dataset.dataset
-    if hasattr(dataset, "reseed"):
-        dataset.reseed(seed)
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: reseed the dataset's augmentation, which forked workers would share, from the
+    worker's seed (torch seeds the global generators with it; distinct per worker, rank and iteration)."""
+    info = get_worker_info()
+    if hasattr(info.dataset, "reseed"):
+        info.dataset.reseed(info.seed)
 
 
 def default_num_workers() -> int:
@@ -194,10 +133,9 @@ def default_num_workers() -> int:
 
 
 class ImageClassificationDataModule(L.LightningDataModule):
-    """Common part of the data modules: transform settings, DataLoaders (workers, pinning, reseeding, skipping),
-    epoch-seeded training streams saved in checkpoints. Subclasses set ``class_names`` in ``__init__``, implement
-    :meth:`_make_dataset` and :meth:`predict_names`, and save their hyper-parameters without ``model_name`` and
-    ``img_size``: those are the model's, and a second copy would clash when Lightning merges both modules'.
+    """Base of the data modules: transform settings, DataLoaders, epoch-seeded training streams saved in checkpoints.
+    Subclasses set ``class_names`` in ``__init__``, implement :meth:`_make_dataset` and :meth:`predict_names`, and
+    save their hyper-parameters without ``model_name`` and ``img_size`` (the model's: Lightning would see a clash).
 
     Args:
         img_size: input size, an int or (height, width); None: the pretrained cfg of model_name, else 224.
@@ -245,7 +183,6 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self._skip_counter = SkipCounter()
         self._datasets: dict[str, Dataset] = {}
         self._epoch = 0
-        self._sampler: EpochSampler | None = None  # of the latest train DataLoader
         self._train_loader: ResumableDataLoader | None = None  # the latest train DataLoader
         self._resume_batches = 0  # batches of `epoch` done before the checkpoint, for the next train DataLoader
 
@@ -266,13 +203,13 @@ class ImageClassificationDataModule(L.LightningDataModule):
     @property
     def epoch(self) -> int:
         """Epoch whose batches the train DataLoader produces (Lightning sets it every epoch via the sampler)."""
-        return self._sampler.epoch if self._sampler is not None else self._epoch
+        return self._train_loader.sampler.epoch if self._train_loader is not None else self._epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Make the train DataLoader (existing or future) produce the batches of ``epoch``."""
         self._epoch = int(epoch)
-        if self._sampler is not None:
-            self._sampler.set_epoch(self._epoch)
+        if self._train_loader is not None:
+            self._train_loader.sampler.set_epoch(self._epoch)
 
     def state_dict(self) -> dict[str, int]:
         """Saved in Lightning checkpoints: ``seed``, ``epoch`` and ``skipped_images`` (plain ints), plus ``batches``
@@ -293,14 +230,13 @@ class ImageClassificationDataModule(L.LightningDataModule):
             warnings.warn(f"data seed {self.seed} replaced by the checkpoint's {seed} so that the resumed epochs "
                           "see the batches of the original run", stacklevel=2)
         self.seed = seed
-        if self._sampler is not None:
-            self._sampler.seed = seed
-        self.set_epoch(state_dict.get("epoch", self.epoch))
+        self._epoch = int(state_dict.get("epoch", self.epoch))
         # Lightning restores the train DataLoader's own state only if it builds the loader after the checkpoint's
         # loops, but `trainer.estimated_stepping_batches` in configure_optimizers builds it before: keep it here too
         self._resume_batches = int(state_dict.get("batches", 0))
         if self._train_loader is not None:
-            self._train_loader.load_state_dict({"epoch": self.epoch, "batches": self._resume_batches})
+            self._train_loader.sampler.seed = seed
+            self._train_loader.load_state_dict({"epoch": self._epoch, "batches": self._resume_batches})
         # validate/test/predict from a training checkpoint count their own skips from zero
         if self.trainer is None or self.trainer.state.fn == "fit":
             self._skip_counter.reset(int(state_dict.get("skipped_images", self.skipped_images)))
@@ -335,16 +271,14 @@ class ImageClassificationDataModule(L.LightningDataModule):
                           "keeping the partial batch instead of dropping it", stacklevel=3)
             drop_last = False
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        if train:  # a DistributedSampler already: Lightning keeps it under DDP instead of wrapping it
-            self._sampler = EpochSampler(dataset, self.seed, self.epoch, world_size, rank)
-        sampler = self._sampler if train else None
+        sampler = EpochSampler(dataset, self.seed, self.epoch, world_size, rank) if train else None
         loader = (ResumableDataLoader if train else DataLoader)(
             dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last, num_workers=self.num_workers,
             collate_fn=collate_skip_none,
             pin_memory=self.pin_memory and torch.cuda.is_available(),  # pinning without CUDA only warns
             persistent_workers=self.persistent_workers and self.num_workers > 0,
-            worker_init_fn=functools.partial(seed_worker, rank=rank, sampler=sampler) if self.num_workers else None,
-            # every DataLoader iteration draws a base seed: from its own generator, not the global torch RNG
+            worker_init_fn=seed_worker if self.num_workers else None,
+            # the workers' seeds: from the loader's own generator (per rank), not the global torch RNG
             generator=torch.Generator().manual_seed(derive_seed(self.seed, rank)))
         if train:
             self._train_loader = loader
@@ -364,4 +298,3 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
-

@@ -23,17 +23,6 @@ def load_digits_rgb() -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(grey[..., None], 3, axis=-1), digits.target.astype(np.int64)
 
 
-def split_digits(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic stratified train/val split: sorted index arrays into ``load_digits`` order."""
-    from sklearn.model_selection import train_test_split
-
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    train_idx, val_idx = train_test_split(np.arange(len(targets)), test_size=val_fraction, stratify=targets,
-                                          random_state=seed)
-    return np.sort(train_idx), np.sort(val_idx)
-
-
 class DigitsDataModule(ImageClassificationDataModule):
     """scikit-learn's digits as a 10-class image dataset (class names ``"0"`` .. ``"9"``), upscaled once to
     ``img_size`` so that crops and affines act on a fine grid; mild, flip-free augmentation (digits are not mirror
@@ -61,8 +50,14 @@ class DigitsDataModule(ImageClassificationDataModule):
         affine: float = 0.5, fill: int | tuple[int, int, int] | None = 0, pin_memory: bool = True,
         persistent_workers: bool = True, drop_last: bool = True,
     ) -> None:
+        from sklearn.model_selection import train_test_split
+
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         images, self.targets = load_digits_rgb()
-        self.train_indices, self.val_indices = split_digits(self.targets, val_fraction, seed)
+        train, val = train_test_split(np.arange(len(images)), test_size=val_fraction, stratify=self.targets,
+                                      random_state=seed)
+        self.train_indices, self.val_indices = np.sort(train), np.sort(val)
         pixels = images[self.train_indices, ..., 0] / 255.0  # all channels equal
         mean = mean if mean is not None else (float(pixels.mean()),) * 3
         std = std if std is not None else (float(pixels.std()),) * 3

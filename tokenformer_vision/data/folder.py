@@ -47,7 +47,7 @@ def find_class_names(split_dir: str | os.PathLike) -> list[str]:
     return names
 
 
-def _check_empty(split_dir: str | os.PathLike, class_names: Sequence[str], empty: list[str], strict: bool) -> None:
+def check_empty(split_dir: str | os.PathLike, class_names: Sequence[str], empty: list[str], strict: bool) -> None:
     """Raise if every class folder is ``empty`` or (``strict``, for train) some is; otherwise warn about them."""
     if not empty:
         return
@@ -57,30 +57,7 @@ def _check_empty(split_dir: str | os.PathLike, class_names: Sequence[str], empty
     if strict:
         raise ValueError(f"{message}. Every train class folder needs at least one image: add images or remove the "
                          f"folder.\n{LAYOUT_HELP}")
-    warnings.warn(message, stacklevel=3)
-
-
-def empty_class_folders(split_dir: str | os.PathLike, class_names: Sequence[str], raise_error: bool = True
-                        ) -> list[str]:
-    """Class folders of ``split_dir`` without any image (searched recursively, stopping at the first image: about
-    one directory read per ImageNet class); ``raise_error``: raise ``ValueError`` naming them instead."""
-    empty = [name for name in class_names  # os.walk as in torchvision's make_dataset; any() stops early
-             if not any(any(f.lower().endswith(IMG_EXTENSIONS) for f in files)
-                        for _, _, files in os.walk(Path(split_dir, name), followlinks=True))]
-    if raise_error:
-        _check_empty(split_dir, class_names, empty, strict=True)
-    return empty
-
-
-def scan_split(split_dir: str | os.PathLike, class_names: Sequence[str], require_all: bool = True
-               ) -> list[tuple[str, int]]:
-    """``(path, class index)`` of every image under ``split_dir/<class>/`` (recursively), sorted. Raises
-    ``ValueError`` if the split holds no images or (``require_all``) a class folder is empty, else warns of those."""
-    samples = make_dataset(str(split_dir), {name: i for i, name in enumerate(class_names)}, IMG_EXTENSIONS,
-                           allow_empty=True)
-    counts = np.bincount([t for _, t in samples], minlength=len(class_names))
-    _check_empty(split_dir, class_names, [class_names[i] for i in np.flatnonzero(counts == 0)], require_all)
-    return samples
+    warnings.warn(message, stacklevel=2)
 
 
 def list_images(root: str | os.PathLike) -> list[str]:
@@ -137,15 +114,10 @@ class ImageFileDataset(Dataset):
 
 
 class ArrayDataset(ImageFileDataset):
-    """In-memory ``uint8 [N, H, W, C]`` images (C = 3, RGB, or 1, grayscale) with integer targets (``samples``:
-    ``(index, target)``)."""
+    """In-memory ``uint8 [N, H, W, C]`` images (C = 3, RGB, or 1, grayscale) with integer targets."""
 
     def __init__(self, images: np.ndarray, targets: Sequence[int], transform: Callable | None = None,
                  return_index: bool = False) -> None:
-        if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 [N, H, W, 3 or 1], got {images.dtype} {images.shape}")
-        if len(images) != len(targets):
-            raise ValueError(f"{len(images)} images but {len(targets)} targets")
         super().__init__(enumerate(np.asarray(targets, dtype=np.int64)), transform, return_index)
         self.images = images
 
@@ -166,8 +138,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         predict_split: name of the predict split folder under root; None: val_split.
         predict_root: folder of images (searched recursively) to predict instead of a split; an image in a folder
             named like a class gets that class as target, others -1.
-        **kwargs: transform and DataLoader options of :class:`ImageClassificationDataModule` (img_size, batch_size,
-            num_workers, hflip, rand_augment, ...).
+        **kwargs: the options of :class:`ImageClassificationDataModule` (img_size, batch_size, hflip, ...).
     """
 
     def __init__(self, root: str, train_split: str = "train", val_split: str = "val", test_split: str | None = None,
@@ -187,8 +158,12 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             raise FileNotFoundError(f"dataset root {self.root} has neither a {train_split!r} nor a {val_split!r} "
                                     f"split folder (found: {found}).\n{LAYOUT_HELP}")
         self.class_names = find_class_names(train_dir if train_dir.is_dir() else val_dir)
-        if train_dir.is_dir():
-            empty_class_folders(train_dir, self.class_names)  # raises naming them: the first place they show
+        if train_dir.is_dir():  # an empty train class folder fails now, the first place it shows
+            # os.walk as in torchvision's make_dataset, stopping at the first image (about one listdir per class)
+            empty = [name for name in self.class_names
+                     if not any(any(f.lower().endswith(IMG_EXTENSIONS) for f in files)
+                                for _, _, files in os.walk(train_dir / name, followlinks=True))]
+            check_empty(train_dir, self.class_names, empty, strict=True)
         for stage in ("val", "test"):
             if (self.root / self.splits[stage]).is_dir():
                 self._check_classes(stage)
@@ -217,8 +192,13 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             index = {name: i for i, name in enumerate(self.class_names)}
             samples = [(p, index.get(Path(p).parent.name, -1) if Path(p).parent != self.predict_root else -1)
                        for p in list_images(self.predict_root)]
-        else:
-            samples = scan_split(self._check_classes(stage), self.class_names, require_all=stage == "train")
+        else:  # sorted (path, class index) of the images under split/<class>/, recursively
+            split_dir = self._check_classes(stage)
+            samples = make_dataset(str(split_dir), {name: i for i, name in enumerate(self.class_names)},
+                                   IMG_EXTENSIONS, allow_empty=True)
+            counts = np.bincount([t for _, t in samples], minlength=self.num_classes)
+            empty = [self.class_names[i] for i in np.flatnonzero(counts == 0)]
+            check_empty(split_dir, self.class_names, empty, strict=stage == "train")
         return ImageFileDataset(samples, self.build_transform(stage == "train"), return_index=stage == "predict",
                                 skip_counter=self._skip_counter)
 

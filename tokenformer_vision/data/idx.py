@@ -1,7 +1,5 @@
-"""MNIST-format (IDX) image data: MNIST, Fashion-MNIST and KMNIST share the file format and the four file names.
-
-The four files (``{train,t10k}-{images-idx3,labels-idx1}-ubyte``, each gzipped or not) are read from ``root``,
-``root/raw`` or ``root/<Name>/raw`` (torchvision's layout). Debian ships Fashion-MNIST in
+"""MNIST-format (IDX) image data: MNIST, Fashion-MNIST and KMNIST share the file format and the four file names,
+``{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (gzipped or not). Debian ships Fashion-MNIST in
 ``/usr/share/datasets/fashion-mnist`` (``apt-get install dataset-fashion-mnist``).
 """
 
@@ -34,7 +32,7 @@ def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
     ``ValueError`` naming the file for a wrong magic number, a truncated or corrupt file."""
     path = Path(path)
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
             raw = f.read()
     except (EOFError, OSError, zlib.error) as exc:
         raise ValueError(f"{path}: truncated or corrupt gzip file ({exc})") from None
@@ -54,8 +52,8 @@ def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
 
 
 def find_idx_files(root: str | os.PathLike) -> dict[str, tuple[Path, Path]]:
-    """``{'train': (images, labels), 'test': (images, labels)}`` found in ``root``, ``root/raw`` or
-    ``root/*/raw``, preferring uncompressed files. Raises ``FileNotFoundError`` naming what is missing."""
+    """``{'train': (images, labels), 'test': (images, labels)}`` found in ``root``, ``root/raw`` or ``root/*/raw``
+    (torchvision's layout), preferring uncompressed files. Raises ``FileNotFoundError`` naming what is missing."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"IDX data folder {root} does not exist (expected the four files "
@@ -64,13 +62,9 @@ def find_idx_files(root: str | os.PathLike) -> dict[str, tuple[Path, Path]]:
     folders = [root, root / "raw", *sorted(p for p in root.glob("*/raw") if p.is_dir())]
 
     def locate(name: str) -> Path | None:
-        for folder in folders:
-            for candidate in (folder / name, folder / f"{name}.gz"):
-                if candidate.is_file():
-                    return candidate
-        return None
+        return next((c for f in folders for c in (f / name, f / f"{name}.gz") if c.is_file()), None)
 
-    found = {split: tuple(locate(name) for name in names) for split, names in _FILES.items()}
+    found = {split: tuple(map(locate, names)) for split, names in _FILES.items()}
     missing = [name for split, names in _FILES.items()
                for name, path in zip(names, found[split], strict=True) if path is None]
     if missing:
@@ -88,12 +82,9 @@ def _load_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.nd
 
 class IDXDataModule(ImageClassificationDataModule):
     """MNIST-format data: ``train`` is the official train split less a seeded, stratified hold-out of ``val_size``
-    images (``val``); ``test`` and ``predict`` are the official test split. Images are grayscale (``channels=1``) or
-    repeated to RGB (``channels=3``), resized once to ``img_size`` when it differs from the files' 28². The
-    default augmentation suits 28² grayscale: pad-and-crop (``crop_padding``), horizontal flip, optional random
-    erasing. Training batches, their order and augmentation are a function of ``(seed, epoch)``, as for every
-    DataModule of the package. Options not listed here mean what they mean for
-    :class:`ImageClassificationDataModule`.
+    images (``val``); ``test`` and ``predict`` are the official test split. The default augmentation suits 28²
+    grayscale: pad-and-crop, horizontal flip, optional random erasing. Options not listed here mean what they mean
+    for :class:`ImageClassificationDataModule`.
 
     Args:
         root: folder with the four IDX files (gzipped or not), or a torchvision root holding ``<Name>/raw``.
@@ -165,11 +156,11 @@ class IDXDataModule(ImageClassificationDataModule):
                                 seed=self.seed, crop_padding=self.crop_padding, **self.augment)
 
     def _make_dataset(self, stage: str) -> Dataset:
-        split = "train" if stage in ("train", "val") else "test"
-        index = {"train": self.train_indices, "val": self.val_indices}.get(stage, slice(None))
         if stage == "val" and not len(self.val_indices):
             raise ValueError("IDXDataModule: val_size=0 leaves no validation split (set val_size > 0, or "
                              "--trainer.limit_val_batches 0)")
+        split = "train" if stage in ("train", "val") else "test"
+        index = {"train": self.train_indices, "val": self.val_indices}.get(stage, slice(None))
         return ArrayDataset(self.images[split][index], self.labels[split][index],
                             self.build_transform(stage == "train"), return_index=stage == "predict")
 
@@ -190,4 +181,3 @@ def _holdout(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, 
     stratify = labels if counts[counts > 0].min() >= 2 and val_size >= (counts > 0).sum() else None
     train, val = train_test_split(np.arange(len(labels)), test_size=val_size, stratify=stratify, random_state=seed)
     return np.sort(train), np.sort(val)
-

@@ -52,8 +52,7 @@ class TransformConfig:
 
 def resolve_transform_config(model_name: str | None = None, img_size: int | Sequence[int] | None = None,
                              crop_pct: float | None = None, mean: Sequence[float] | None = None,
-                             std: Sequence[float] | None = None, interpolation: str | None = None,
-                             default_img_size: int = 224) -> TransformConfig:
+                             std: Sequence[float] | None = None, interpolation: str | None = None) -> TransformConfig:
     """Explicit arguments, else the timm pretrained cfg of ``model_name``, else ImageNet defaults (224², crop 0.875,
     bicubic, ImageNet mean/std). Checks the interpolation name; :func:`build_transforms` checks the other values."""
     cfg: dict = {}
@@ -64,7 +63,7 @@ def resolve_transform_config(model_name: str | None = None, img_size: int | Sequ
     interpolation = interpolation if interpolation is not None else cfg.get("interpolation", "bicubic")
     interpolation_flag(interpolation)
     return TransformConfig(
-        _size_hw(img_size if img_size is not None else cfg.get("input_size", default_img_size)),
+        _size_hw(img_size if img_size is not None else cfg.get("input_size", 224)),
         float(crop_pct if crop_pct is not None else cfg.get("crop_pct", 0.875)),
         tuple(float(m) for m in (mean if mean is not None else cfg.get("mean", IMAGENET_DEFAULT_MEAN))),
         tuple(float(s) for s in (std if std is not None else cfg.get("std", IMAGENET_DEFAULT_STD))),
@@ -88,7 +87,7 @@ def rand_augment_policy(num_ops: int = 2, magnitude: float = 9.0, fill: tuple[in
     enhance, same = (1.0 - 0.9 * m, 1.0 + 0.9 * m), (1, 1)  # PIL ImageEnhance factor range
     affine = dict(interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_CONSTANT, fill=fill, p=p)
     solarize_add = np.array([min(255, i + int(110 * m)) if i < 128 else i for i in range(256)], np.uint8)
-    ops = [
+    return A.SomeOf([
         A.AutoContrast(p=p), A.Equalize(p=p), A.InvertImg(p=p),
         A.Affine(rotate=(-rotate, rotate), **affine),
         A.Posterize(num_bits=(max(1, 4 - int(4 * m)), 4), p=p), A.Solarize(threshold_range=(1.0 - m, 1.0), p=p),
@@ -101,8 +100,7 @@ def rand_augment_policy(num_ops: int = 2, magnitude: float = 9.0, fill: tuple[in
         A.Affine(translate_percent={"x": (-translate, translate), "y": (0, 0)}, **affine),
         A.Affine(translate_percent={"x": (0, 0), "y": (-translate, translate)}, **affine),
         A.Lambda(image=functools.partial(_apply_lut, lut=solarize_add), p=p),  # timm's SolarizeAdd (picklable)
-    ]
-    return A.SomeOf(ops, n=num_ops, replace=True, p=1.0)
+    ], n=num_ops, replace=True, p=1.0)
 
 
 def reseed_transform(transform: A.BaseCompose, seed: int) -> None:
@@ -123,22 +121,18 @@ def build_transforms(
     """Train or eval pipeline: ``uint8 [H, W, C]`` numpy -> normalised ``float32 [C, h, w]`` tensor, ``C =
     len(mean)`` (3 for RGB, 1 for grayscale).
 
-    Train: ``RandomResizedCrop(scale, ratio)`` (or, with ``crop_padding`` p > 0, the CIFAR-style pad by p on every
-    side and random crop of ``img_size``, for small images already at the model's size) -> flip (``hflip``) -> mild
-    affine (``affine``: ±10° rotation, ±8% shift, 0.9-1.1 zoom, ±8° shear, for data like digits where flips and
-    strong policies hurt) -> RandAugment -> random erasing with per-pixel noise (``random_erasing``) -> normalise.
-    Eval (like timm): resize the shorter side (non-square sizes: each side) to ``floor(size / crop_pct)`` -> centre
-    crop -> normalise. Downscaling is area interpolation (close to PIL's). ``fill``: colour of uncovered areas
-    (default: mean, as timm); ``seed``: of the random stream (:func:`reseed_transform`).
+    Train: ``RandomResizedCrop(scale, ratio)`` (or, with ``crop_padding`` p > 0, pad by p and random crop, for small
+    images) -> flip -> mild affine (±10° rotation, ±8% shift, 0.9-1.1 zoom, ±8° shear) -> RandAugment -> random
+    erasing with per-pixel noise -> normalise. Eval (like timm): resize the shorter side (non-square sizes: each side)
+    to ``floor(size / crop_pct)``, centre crop, normalise. Downscaling is area interpolation (close to PIL's).
+    ``fill``: colour of uncovered areas (default: mean, as timm); ``seed``: of the random stream.
     """
     h, w = _size_hw(img_size)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    if crop_pct <= 0:
-        raise ValueError(f"crop_pct must be > 0, got {crop_pct}")
+    if crop_pct <= 0 or crop_padding < 0:
+        raise ValueError(f"need crop_pct > 0 and crop_padding >= 0, got {crop_pct} and {crop_padding}")
     if len(mean) not in (1, 3) or len(std) != len(mean) or min(std) <= 0:
         raise ValueError(f"mean and std need 1 or 3 values each (std > 0), got mean={mean} std={std}")
-    if crop_padding < 0:
-        raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
     for name, prob in (("hflip", hflip), ("random_erasing", random_erasing), ("affine", affine)):
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"{name} is a probability in [0, 1], got {prob}")
@@ -148,25 +142,24 @@ def build_transforms(
     fill = tuple(round(255 * m) for m in mean) if fill is None else fill
     fill = (int(fill),) * len(mean) if isinstance(fill, (int, float)) else tuple(int(f) for f in fill)
     resample = dict(interpolation=interp, area_for_downscale="image")
+    pad = dict(border_mode=cv2.BORDER_CONSTANT, fill=fill)
     if train:
-        crop = ([A.PadIfNeeded(h + 2 * crop_padding, w + 2 * crop_padding, border_mode=cv2.BORDER_CONSTANT, fill=fill),
-                 A.RandomCrop(h, w)] if crop_padding
-                else [A.RandomResizedCrop(size=(h, w), scale=tuple(scale), ratio=tuple(ratio), **resample)])
-        ops = [*crop,
-               A.HorizontalFlip(p=hflip) if hflip > 0 else None,
-               A.Affine(rotate=(-10, 10), translate_percent=(-0.08, 0.08), scale=(0.9, 1.1), shear=(-8, 8),
-                        interpolation=interp, border_mode=cv2.BORDER_CONSTANT, fill=fill, p=affine)
-               if affine > 0 else None,
-               rand_augment_policy(ra_num_ops, ra_magnitude, fill=fill) if rand_augment and ra_num_ops > 0 else None,
-               # timm's RandomErasing(mode='pixel'); before Normalize, so the noise is uniform in 0..255
-               A.Erasing(scale=(0.02, 1 / 3), ratio=(0.3, 3.3), fill="random", p=random_erasing)
-               if random_erasing > 0 else None]
+        ops = [A.PadIfNeeded(h + 2 * crop_padding, w + 2 * crop_padding, **pad), A.RandomCrop(h, w)] if crop_padding \
+            else [A.RandomResizedCrop(size=(h, w), scale=tuple(scale), ratio=tuple(ratio), **resample)]
+        if hflip > 0:
+            ops.append(A.HorizontalFlip(p=hflip))
+        if affine > 0:
+            ops.append(A.Affine(rotate=(-10, 10), translate_percent=(-0.08, 0.08), scale=(0.9, 1.1), shear=(-8, 8),
+                                interpolation=interp, p=affine, **pad))
+        if rand_augment and ra_num_ops > 0:
+            ops.append(rand_augment_policy(ra_num_ops, ra_magnitude, fill=fill))
+        if random_erasing > 0:  # timm's RandomErasing(mode='pixel'); before Normalize: noise uniform in 0..255
+            ops.append(A.Erasing(scale=(0.02, 1 / 3), ratio=(0.3, 3.3), fill="random", p=random_erasing))
     else:
         resize = (A.SmallestMaxSize(max_size=math.floor(h / crop_pct), **resample) if h == w
                   else A.Resize(math.floor(h / crop_pct), math.floor(w / crop_pct), **resample))
         # pad_if_needed: crop_pct > 1 makes the resized image smaller than the crop
-        ops = [resize, A.CenterCrop(h, w, pad_if_needed=True, border_mode=cv2.BORDER_CONSTANT, fill=fill)]
-    transform = A.Compose([op for op in ops if op is not None]
-                          + [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()])
+        ops = [resize, A.CenterCrop(h, w, pad_if_needed=True, **pad)]
+    transform = A.Compose([*ops, A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()])
     reseed_transform(transform, seed)
     return transform

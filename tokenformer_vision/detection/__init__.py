@@ -1,9 +1,5 @@
-"""TokenFormer detection backbones for torchvision: ViTDet simple feature pyramid + detector builders.
-
-    from tokenformer_vision.detection import fasterrcnn_tokenformer
-    model = fasterrcnn_tokenformer("tokenformer_base", num_classes=91, backbone_weights="classifier.ckpt")
-    losses = model(images, targets)  # any torchvision detection training loop
-"""
+"""TokenFormer detection backbones for torchvision: ViTDet simple feature pyramid + detector builders, e.g.
+``fasterrcnn_tokenformer("tokenformer_base", num_classes=91, backbone_weights="classifier.ckpt")``."""
 
 from .backbone import ViTDetBackbone, create_backbone, freeze_trunk, load_backbone_weights
 from .builders import fasterrcnn_tokenformer, maskrcnn_tokenformer, retinanet_tokenformer

@@ -43,8 +43,7 @@ class ViTDetBackbone(nn.Module):
         depth = len(trunk.blocks)
         if not -depth <= feature_index < depth:
             raise ValueError(f"feature_index {feature_index} is out of range for a trunk with {depth} blocks")
-        patch = tuple(trunk.patch_embed.patch_size)
-        if patch[0] != patch[1]:
+        if (patch := tuple(trunk.patch_embed.patch_size))[0] != patch[1]:
             raise ValueError(f"the pyramid needs a square patch, got patch size {patch}")
         self.trunk, self.feature_index, self.norm_features = trunk, feature_index % depth, norm_features
         self.pyramid = SimpleFeaturePyramid(trunk.embed_dim, patch[0], out_channels, scale_factors, top_block)
@@ -61,10 +60,8 @@ class ViTDetBackbone(nn.Module):
 
 
 def load_backbone_weights(trunk: nn.Module, weights: Weights) -> None:
-    """Load classifier weights (any source :func:`~tokenformer_vision.weights.load_weights` takes: a ``.ckpt``,
-    ``.pth``, ``.safetensors``, an export folder or a state dict; EMA weights if kept) into a detection trunk, in
-    place, without the head. A TokenFormer trunk grows to the saved token counts and the position embedding is
-    resampled; another model's weights raise a ValueError naming the difference."""
+    """Load classifier weights (any :func:`~tokenformer_vision.weights.load_weights` source) into a detection trunk,
+    in place, without the head, growing a TokenFormer to the saved token counts."""
     load_weights(trunk, weights, head="drop", grow=True)
 
 
@@ -98,14 +95,12 @@ def create_backbone(backbone_name: str = "tokenformer_base", backbone_weights: W
     for key in ("num_classes", "dynamic_img_size", "features_only", "pretrained"):
         if key in model_kwargs:
             raise ValueError(f"{key!r} is set by the detection backbone and cannot be passed to the trunk")
-    model_kwargs.setdefault("dynamic_img_pad", True)
-    trunk = timm.create_model(backbone_name, pretrained=False, num_classes=0, global_pool="",
-                              dynamic_img_size=True, **model_kwargs)
+    trunk = timm.create_model(backbone_name, pretrained=False, num_classes=0, global_pool="", dynamic_img_size=True,
+                              **{"dynamic_img_pad": True, **model_kwargs})
     if backbone_weights is not None:
         load_backbone_weights(trunk, backbone_weights)
     # the detector never runs the blocks after the chosen one, nor the head (nor the final norm if unused)
     trunk.prune_intermediate_layers([feature_index], prune_norm=not norm_features, prune_head=True)
     freeze_trunk(trunk, trainable_layers)
-    if grad_checkpointing:
-        trunk.set_grad_checkpointing(True)
+    trunk.set_grad_checkpointing(grad_checkpointing)
     return ViTDetBackbone(trunk, out_channels, -1, norm_features, scale_factors, top_block)

@@ -24,15 +24,13 @@ def _build(detector: type, backbone_name: str, num_classes: int, backbone_weight
     backbone = create_backbone(backbone_name, backbone_weights, trainable_layers, grad_checkpointing, **options)
     cfg = getattr(backbone.trunk, "pretrained_cfg", None) or {}
     if "mean" in cfg and "std" in cfg:  # normalise inputs as the trunk was (pre)trained
-        kwargs.setdefault("image_mean", list(cfg["mean"]))
-        kwargs.setdefault("image_std", list(cfg["std"]))
+        kwargs = {"image_mean": list(cfg["mean"]), "image_std": list(cfg["std"]), **kwargs}
     anchors = "anchor_generator" if retina else "rpn_anchor_generator"
     if kwargs.get(anchors) is None:
         # torchvision's default anchors (32..512): 4 × stride at 3 octaves (RetinaNet), 8 × stride (R-CNN RPN)
         sizes = anchor_sizes(backbone.strides, 4, octaves=3) if retina else anchor_sizes(backbone.strides, 8)
         kwargs[anchors] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    levels = len(getattr(kwargs[anchors], "sizes", ()))
-    if levels and levels != len(backbone.names):
+    if (levels := len(getattr(kwargs[anchors], "sizes", ()))) and levels != len(backbone.names):
         raise ValueError(f"{anchors} has anchors for {levels} feature maps but the backbone returns "
                          f"{len(backbone.names)} ({backbone.names})")
     # the R-CNN heads pool from the pyramid levels, not from the extra RPN-only top level
@@ -56,9 +54,9 @@ def fasterrcnn_tokenformer(backbone_name: str = "tokenformer_base", num_classes:
         trainable_layers: number of last trunk blocks to train (None: all, 0: frozen trunk).
         grad_checkpointing: recompute trunk blocks in the backward pass to save memory on large images.
         backbone_kwargs: options of :func:`~tokenformer_vision.detection.create_backbone` (``out_channels``,
-            ``feature_index``, ``scale_factors``, ...) and of the timm trunk (``depth``, ``attn_tokens``, ...).
-        **kwargs: passed to ``torchvision.models.detection.FasterRCNN`` (``min_size``, ``max_size``,
-            ``box_score_thresh``, ...). Anchors, RoI pooler and image mean/std default to the backbone's.
+            ``scale_factors``, ...) and of the timm trunk (``depth``, ``attn_tokens``, ...).
+        **kwargs: to ``torchvision.models.detection.FasterRCNN`` (``min_size``, ``box_score_thresh``, ...).
+            Anchors, RoI pooler and image mean/std default to the backbone's.
     """
     return _build(FasterRCNN, backbone_name, num_classes, backbone_weights, trainable_layers, grad_checkpointing,
                   backbone_kwargs, kwargs)
@@ -78,7 +76,7 @@ def retinanet_tokenformer(backbone_name: str = "tokenformer_base", num_classes: 
                           grad_checkpointing: bool = False, *, backbone_kwargs: Mapping[str, Any] | None = None,
                           **kwargs: Any) -> RetinaNet:
     """RetinaNet on a TokenFormer trunk; arguments as :func:`fasterrcnn_tokenformer` (kwargs go to ``RetinaNet``).
-    The pyramid defaults to RetinaNet's levels, strides 8/16/32 plus P6/P7 convs (64/128), with torchvision's anchors
-    (4 × stride at 3 octaves); ``backbone_kwargs=dict(scale_factors=..., top_block=...)`` changes the layout."""
+    Its pyramid: strides 8/16/32 plus P6/P7 convs (64/128) with torchvision's anchors (4 × stride at 3 octaves);
+    ``backbone_kwargs=dict(scale_factors=..., top_block=...)`` changes the layout."""
     return _build(RetinaNet, backbone_name, num_classes, backbone_weights, trainable_layers, grad_checkpointing,
                   backbone_kwargs, kwargs)

@@ -19,17 +19,16 @@ __all__ = ["SimpleFeaturePyramid", "anchor_sizes"]
 
 TopBlock = Literal["pool", "p6p7"] | None
 _SCALES = (4.0, 2.0, 1.0, 0.5)
+_TOP_NAMES = {"pool": ["pool"], "p6p7": ["p6", "p7"], None: []}
 
 
 def _level(scale: float, dim: int, out_channels: int) -> nn.Sequential:
     """One level: resample by ``scale``, then 1×1 and 3×3 convs, each with a LayerNorm2d (no conv bias, as ViTDet)."""
+    up = lambda cin: nn.ConvTranspose2d(cin, cin // 2, kernel_size=2, stride=2)  # halves the channels
     if scale == 4.0:
-        rescale = nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2), LayerNorm2d(dim // 2),
-                                nn.GELU(), nn.ConvTranspose2d(dim // 2, dim // 4, kernel_size=2, stride=2))
-    elif scale == 2.0:
-        rescale = nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2)
+        rescale = nn.Sequential(up(dim), LayerNorm2d(dim // 2), nn.GELU(), up(dim // 2))
     else:
-        rescale = nn.Identity() if scale == 1.0 else nn.MaxPool2d(kernel_size=2, stride=2)
+        rescale = up(dim) if scale == 2.0 else nn.Identity() if scale == 1.0 else nn.MaxPool2d(kernel_size=2, stride=2)
     width = {4.0: dim // 4, 2.0: dim // 2}.get(scale, dim)  # channels after the transposed convs
     return nn.Sequential(rescale, nn.Conv2d(width, out_channels, kernel_size=1, bias=False), LayerNorm2d(out_channels),
                          nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
@@ -51,24 +50,22 @@ class SimpleFeaturePyramid(nn.Module):
                  scale_factors: Sequence[float] = _SCALES, top_block: TopBlock = "pool") -> None:
         super().__init__()
         scales = tuple(float(s) for s in scale_factors)
-        if not scales:
-            raise ValueError("scale_factors must name at least one level")
         if unknown := [s for s in scales if s not in _SCALES]:
             raise ValueError(f"unsupported scale factors {unknown}; choose from {list(_SCALES)}")
-        if list(scales) != sorted(set(scales), reverse=True):
-            raise ValueError(f"scale_factors must be distinct and ordered fine to coarse, got {scales}")
+        if not scales or list(scales) != sorted(set(scales), reverse=True):
+            raise ValueError(f"scale_factors must be one or more distinct levels ordered fine to coarse, got {scales}")
         if in_channels % 4:
             raise ValueError(f"in_channels must be divisible by 4 (the stride-4 level uses in/4), got {in_channels}")
-        if top_block not in (tops := {"pool": ["pool"], "p6p7": ["p6", "p7"], None: []}):
+        if top_block not in _TOP_NAMES:
             raise ValueError(f"top_block must be 'pool', 'p6p7' or None, got {top_block!r}")
         self.in_channels, self.out_channels, self.scale_factors = in_channels, out_channels, scales
         self.stages = nn.ModuleList(_level(scale, in_channels, out_channels) for scale in scales)
         self.top_block = (LastLevelMaxPool() if top_block == "pool"
                           else LastLevelP6P7(out_channels, out_channels) if top_block == "p6p7" else None)
         self.level_names = [str(i) for i in range(len(scales))]
-        self.names = self.level_names + tops[top_block]
+        self.names = self.level_names + _TOP_NAMES[top_block]
         strides = [in_stride / s for s in scales]
-        strides += [strides[-1] * 2 ** (i + 1) for i in range(len(tops[top_block]))]
+        strides += [strides[-1] * 2 ** (i + 1) for i in range(len(_TOP_NAMES[top_block]))]
         self.strides = [int(s) if s.is_integer() else s for s in strides]
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
