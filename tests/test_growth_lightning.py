@@ -388,3 +388,26 @@ def test_bf16_mixed_fit_grows_and_trains(tmp_path):
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert all(p.dtype == torch.float32 for p in module.parameters())
     assert 0.0 <= float(fit.callback_metrics["val/acc1"]) <= 1.0
+
+
+def test_new_token_lr_scale_multiplies_the_new_rows_updates_only(tmp_path):
+    """One optimizer step after growth, from the same state: the appended rows move `scale` times as far, the old
+    rows exactly as far, as with the default scale of 1."""
+    runs = {}
+    for scale in (1.0, 3.0):
+        pl.seed_everything(0)
+        growth = GrowthCallback([{"step": 2, "attn_tokens": 12, "ffn_tokens": 24}], new_token_lr_scale=scale)
+        module = ImageClassifier(**MODEL)
+        probe = Probe(2)  # after GrowthCallback: the parameters just after growth
+        trainer(tmp_path / str(scale), [growth, probe], max_steps=3).fit(module, datamodule=RandomImages())
+        runs[scale] = (probe.snap["params"], dict(module.named_parameters()), growth)
+    (before, after1, _), (before3, after3, growth3) = runs[1.0], runs[3.0]
+    key = "model.blocks.0.ffn.key_param"
+    assert growth3.new_rows[key.removeprefix("model.")] == 16 and growth3.state_dict()["new_rows"] == growth3.new_rows
+    torch.testing.assert_close(before3[key], before[key], rtol=0, atol=0)  # the same state at the growth
+    step1, step3 = after1[key].detach() - before[key], after3[key].detach() - before3[key]
+    assert step1[16:].abs().max() > 0
+    torch.testing.assert_close(step3[:16], step1[:16], rtol=0, atol=0)
+    torch.testing.assert_close(step3[16:], 3.0 * step1[16:], rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="new_token_lr_scale"):
+        GrowthCallback([{"step": 1, "attn_tokens": 12}], new_token_lr_scale=0)

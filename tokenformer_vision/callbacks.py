@@ -113,15 +113,17 @@ class GrowthCallback(Callback):
     At each stage, at an optimizer-step boundary and identically on every rank, it grows the model, its optimizer
     state and its EMA copy (``pl_module.ema``) with :func:`~tokenformer_vision.growth.grow_training_state` (new
     values seeded with ``seed + stage``), re-wraps DDP, re-warms the LR (by ``(k + 1) / (rewarm_steps + 1)`` on the
-    k-th step after it), and logs ``growth/*`` metrics (kept in :attr:`events`), including the largest change of the
-    eval-mode logits on ``check_samples`` images of the batch. It never grows non-finite parameters (RuntimeError).
-    The LightningModule must grow itself to a checkpoint's token counts in ``on_load_checkpoint`` (as
-    :class:`~tokenformer_vision.ImageClassifier` does). Sharded strategies fix parameter shapes at wrap time: grow
-    offline (``tokenformer-vision grow``) and restart.
+    k-th step after it), multiplies the optimizer's updates of the appended rows by ``new_token_lr_scale`` for the
+    rest of the fit (their own learning rate), and logs ``growth/*`` metrics (kept in :attr:`events`), including the
+    largest change of the eval-mode logits on ``check_samples`` images of the batch. It never grows non-finite
+    parameters (RuntimeError). The LightningModule must grow itself to a checkpoint's token counts in
+    ``on_load_checkpoint`` (as :class:`~tokenformer_vision.ImageClassifier` does). Sharded strategies fix parameter
+    shapes at wrap time: grow offline (``tokenformer-vision grow``) and restart.
     """
 
     def __init__(self, schedule: list[dict[str, int]], rewarm_steps: int = 0, seed: int = 0,
-                 second_moment: SecondMoment = "mean", check_samples: int = 16, model_attr: str = "model") -> None:
+                 second_moment: SecondMoment = "mean", check_samples: int = 16, model_attr: str = "model",
+                 new_token_lr_scale: float = 1.0) -> None:
         super().__init__()
         self.schedule = validate_schedule(schedule)
         for name, value in (("rewarm_steps", rewarm_steps), ("check_samples", check_samples)):
@@ -129,7 +131,11 @@ class GrowthCallback(Callback):
                 raise ValueError(f"GrowthCallback: {name} must be a non-negative int, got {value!r}")
         if second_moment not in ("mean", "zero"):
             raise ValueError(f"GrowthCallback: second_moment must be 'mean' or 'zero', got {second_moment!r}")
+        if not (isinstance(new_token_lr_scale, int | float) and new_token_lr_scale > 0):
+            raise ValueError(f"GrowthCallback: new_token_lr_scale must be > 0, got {new_token_lr_scale!r}")
         self.rewarm_steps, self.seed, self.second_moment = rewarm_steps, int(seed), second_moment
+        self.new_token_lr_scale = float(new_token_lr_scale)
+        self.new_rows: dict[str, int] = {}  # parameter name → its first row added by growth (scaled updates)
         self.check_samples, self.model_attr = check_samples, model_attr
         self.done = [False] * len(self.schedule)
         self.events: list[dict[str, Any]] = []
@@ -142,7 +148,8 @@ class GrowthCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"done_stages": [s.as_dict() for s, d in zip(self.schedule, self.done, strict=True) if d],
-                "events": [dict(e) for e in self.events], "rewarm": list(self._rewarm) if self._rewarm else None}
+                "events": [dict(e) for e in self.events], "rewarm": list(self._rewarm) if self._rewarm else None,
+                "new_rows": dict(self.new_rows)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         done, ours = [dict(s) for s in state_dict.get("done_stages", [])], [s.as_dict() for s in self.schedule]
@@ -153,6 +160,7 @@ class GrowthCallback(Callback):
         self.events = [dict(e) for e in state_dict.get("events", [])]
         rewarm = state_dict.get("rewarm")
         self._rewarm = (int(rewarm[0]), int(rewarm[1])) if rewarm else None
+        self.new_rows = {str(k): int(v) for k, v in state_dict.get("new_rows", {}).items()}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -168,7 +176,7 @@ class GrowthCallback(Callback):
         for index in (i for i, done in enumerate(self.done) if not done):
             self._stage_token_counts(pl_module, index)
         self._warn_unreachable(trainer)
-        self._install_rewarm(trainer)
+        self._install_rewarm(trainer, pl_module)
 
     def _warn_unreachable(self, trainer: pl.Trainer) -> None:
         """Warn of stages that this fit ends before: at or after ``max_epochs``, or the last optimizer step."""
@@ -233,9 +241,11 @@ class GrowthCallback(Callback):
                                "grow it (see ImageClassifier's nonfinite policy)")
         images, n_params = _images_of(batch, self.check_samples), lambda: sum(p.numel() for p in net.parameters())
         params_before, logits = n_params(), None if images is None else _eval_logits(net, images)
-        grow_training_state(net, targets["attn_tokens"], targets["ffn_tokens"], optimizer=trainer.optimizers,
-                            ema=getattr(pl_module, "ema", None), seed=self.seed + index,
-                            second_moment=self.second_moment)
+        grown = grow_training_state(net, targets["attn_tokens"], targets["ffn_tokens"], optimizer=trainer.optimizers,
+                                    ema=getattr(pl_module, "ema", None), seed=self.seed + index,
+                                    second_moment=self.second_moment)
+        for g in grown:  # rows added by an earlier stage stay new
+            self.new_rows.setdefault(g.name, g.old_rows)
         delta = float("nan") if logits is None else float((_eval_logits(net, images) - logits).abs().max())
         if isinstance(trainer.strategy, DDPStrategy):  # DDP's reducer holds the old parameters: wrap anew
             trainer.strategy.model = pl_module
@@ -256,12 +266,19 @@ class GrowthCallback(Callback):
         rank_zero_info(f"GrowthCallback: stage {index} at step {step} (epoch {epoch}): tokens {before}→{after}, "
                        f"params {params_before:,}→{params_after:,}, max |Δlogits| {delta:.3g}")
 
-    def _install_rewarm(self, trainer: pl.Trainer) -> None:
+    def _install_rewarm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The LR is scaled only during each optimizer step: LR schedulers, which step after it and may read the LR,
         # never see the scaled value. Installed at train start, so step hooks that users add later see it.
         if self._hooks:
             return
         saved: dict[int, list[float]] = {}
+        before_step: list[tuple[torch.Tensor, torch.Tensor]] = []  # (new rows of a parameter, their values)
+
+        def new_rows() -> list[torch.Tensor]:
+            if self.new_token_lr_scale == 1.0 or not self.new_rows:
+                return []
+            params = dict(self._net(pl_module).named_parameters())
+            return [params[name].detach()[start:] for name, start in self.new_rows.items()]
 
         def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             if self._rewarm is not None and trainer.global_step - self._rewarm[0] >= self._rewarm[1]:
@@ -271,10 +288,15 @@ class GrowthCallback(Callback):
                 saved[id(optimizer)] = [group["lr"] for group in optimizer.param_groups]
                 for group in optimizer.param_groups:
                     group["lr"] *= (k + 1) / (self._rewarm[1] + 1)
+            before_step[:] = [(rows, rows.clone()) for rows in new_rows()]
 
+        @torch.no_grad()
         def post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             for group, lr in zip(optimizer.param_groups, saved.pop(id(optimizer), []), strict=False):
                 group["lr"] = lr
+            for rows, old in before_step:  # the optimizer's update of the new rows, times new_token_lr_scale
+                rows.copy_(old + self.new_token_lr_scale * (rows - old))
+            before_step.clear()
 
         for optimizer in trainer.optimizers:
             self._hooks += [optimizer.register_step_pre_hook(pre_hook), optimizer.register_step_post_hook(post_hook)]

@@ -119,7 +119,8 @@ def run_spec(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     callbacks = []
     if spec.get("growth"):
         callbacks.append(GrowthCallback(spec["growth"], rewarm_steps=spec.get("rewarm_steps", 0),
-                                        seed=spec["seed"], second_moment=spec.get("second_moment", "mean")))
+                                        seed=spec["seed"], second_moment=spec.get("second_moment", "mean"),
+                                        new_token_lr_scale=spec.get("new_token_lr_scale", 1.0)))
     limits = {"limit_train_batches": args.limit_train_batches} if args.limit_train_batches else {}
     if args.limit_train_batches:
         limits.update(limit_val_batches=2, limit_test_batches=2)

@@ -3,18 +3,18 @@
 on Fashion-MNIST, through the shared harness (``benchlib.harness.train_eval``: ImageClassifier + IDXDataModule +
 Trainer, the path a user's ``tokenformer-vision fit`` takes).
 
-    python scripts/benchmarks/growth_experiment.py --seeds 0 1 2 --epochs 16 --jobs 6 --workers 1 \\
+    # the defaults (3 seeds x 4 arms, 8 epochs at patch 7, two runs at a time): the table of docs/benchmarks.md,
+    # 40 minutes on a 2-core CPU
+    OMP_NUM_THREADS=1 python scripts/benchmarks/growth_experiment.py --out growth_fmnist_p7.json \
+        --plot growth_fmnist_p7.png
+    # GPU-sized (not yet run): 16 epochs at patch 4, about 8 hours on the 2-core CPU
+    python scripts/benchmarks/growth_experiment.py --epochs 16 --patch-size 4 --jobs 6 --workers 1 \
         --device cuda --out growth.json --plot growth.png
 
-Sized for one GPU (``scripts/gpu_check.sh`` runs it): 12 runs of 16 epochs at patch 4 are about 8 hours of a
-2-core CPU. The CPU size of docs/benchmarks.md (patch 7, 8 epochs, 3 seeds) took 40 minutes on 2 cores:
-
-    OMP_NUM_THREADS=1 python scripts/benchmarks/growth_experiment.py --seeds 0 1 2 --epochs 8 --patch-size 7 \
-        --jobs 2 --threads 1 --workers 0 --out growth_fmnist_p7.json --plot growth_fmnist_p7.png
-
-Model: ``tokenformer_tiny``'s shell at d = ``--width`` (64), ``--depth`` (6) blocks, patch 4 (49 patches + cls),
-grayscale 28². Widths: small ``--small`` (4 / 16 attention / FFN parameter tokens), mid ``--mid`` (16 / 64),
-large ``--large`` (64 / 256, the n = d rule): 16× growth at fixed d, which is what growth changes.
+Model: ``tokenformer_tiny``'s shell at d = ``--width`` (64), ``--depth`` (6) blocks, ``--patch-size`` 7 (16
+patches + cls; 4: 49), grayscale 28². Widths: small ``--small`` (4 / 16 attention / FFN parameter tokens), mid
+``--mid`` (16 / 64), large ``--large`` (64 / 256, the n = d rule): 16× growth at fixed d, which is what growth
+changes.
 
 Arms (same recipe, data order and seed; only the token counts in force differ):
   large            large widths from scratch (sets the target: its final test accuracy);
@@ -66,6 +66,7 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
             out.append(tokenformer_spec(f"growth_{name}", args.width, start[0], start[1], seed, args,
                                         arm=name, growth=schedule, rewarm_steps=rewarm, test_every_epoch=True,
                                         second_moment=args.second_moment,
+                                        new_token_lr_scale=args.new_token_lr_scale,
                                         overrides={"epochs": args.epochs}))
     return out
 
@@ -159,13 +160,16 @@ def add_growth_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rewarm-steps", type=int, default=200)
     parser.add_argument("--second-moment", choices=["mean", "zero"], default="mean",
                         help="GrowthCallback second_moment: Adam's second moment of the new rows")
+    parser.add_argument("--new-token-lr-scale", type=float, default=1.0,
+                        help="GrowthCallback new_token_lr_scale: the new rows' learning rate, times the schedule's")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=["large", "small", "grow_1/4_rewarm",
                                                                           "grow2", "grow_1/2"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_recipe_args(parser, epochs=16)
+    add_recipe_args(parser, epochs=8)
+    parser.set_defaults(patch_size=7, jobs=2, workers=0)
     add_growth_args(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=None)
