@@ -464,3 +464,14 @@ def test_without_a_monitor_the_newest_state_is_kept(tmp_path):
     assert cb.best_model_path == str(ckpts / "epoch=2-step=15.ckpt")
     with pytest.raises(ValueError, match="save_last='link' is not supported"):
         LastAndBestCheckpoint(dirpath=ckpts, save_last="link")
+
+
+def test_export_and_grow_look_for_last_in_the_folder_fit_wrote(tmp_path):
+    # fit replaces CSVLogger's default name by the run's name; resolving for export/grow must find that folder too
+    from tokenformer_vision.lightning_cli import _run_name, resolve_run_checkpoint
+
+    cfg = {"model": {"model_name": "tokenformer_tiny"}, "data": {"class_path": "x.DigitsDataModule"}}
+    last, _ = _write_run(tmp_path / _run_name(cfg) / "version_0" / "checkpoints")
+    for name in ({}, {"name": "lightning_logs"}):
+        logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), **name}}
+        assert resolve_run_checkpoint("last", {**cfg, "trainer": {"logger": logger}}) == str(last)

@@ -3,6 +3,8 @@ EMA or raw, the head kept / reset / dropped, growth on request, and one error na
 
 from __future__ import annotations
 
+import collections
+import os
 import pickle
 
 import pytest
@@ -125,6 +127,17 @@ def test_a_pickle_that_imports_code_is_refused_by_name(tmp_path):
             as info:
         load_weights(tiny(), path)
     assert "weights_only=False" not in str(info.value)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_every_import_of_a_refused_pickle_is_named_right(tmp_path, protocol):
+    # protocol >= 4 pushes a module's name once and fetches it from the memo for its second global
+    path = tmp_path / "raw.pkl"
+    path.write_bytes(pickle.dumps({"a": os.system, "b": os.getcwd, "c": collections.Counter}, protocol=protocol))
+    with pytest.raises(ValueError) as info:
+        load_weights(tiny(), path)
+    for name in (f"{os.system.__module__}.system", f"{os.getcwd.__module__}.getcwd", "collections.Counter"):
+        assert f"`{name}`" in str(info.value)
 
 
 def test_export_reads_the_checkpoint_once(tmp_path, monkeypatch):

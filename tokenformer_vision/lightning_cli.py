@@ -18,6 +18,7 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
 from .classifier import ImageClassifier
 
@@ -29,6 +30,7 @@ from .prediction import PredictionWriter
 __all__ = ["TokenFormerCLI"]
 
 DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
+_CSV_DEFAULT_NAME = inspect.signature(CSVLogger).parameters["name"].default  # "lightning_logs"
 STARTED: list[TokenFormerCLI] = []  # the CLIs whose classes were built: main() cleans up after a failed start
 
 
@@ -55,7 +57,9 @@ def resolve_run_checkpoint(which: str, cfg: Any) -> str:
     logger, log_dir = _get(cfg, "trainer.logger"), None
     if isinstance(logger, (Namespace, dict)) and "CSVLogger" in str(_get(logger, "class_path", "")):
         name = _get(logger, "init_args.name")
-        log_dir = os.path.join(_get(logger, "init_args.save_dir", "runs"), _run_name(cfg) if name is None else name)
+        # CSVLogger's default name is replaced by the run's name in fit (parse_arguments), so here as well
+        log_dir = os.path.join(_get(logger, "init_args.save_dir", "runs"),
+                               _run_name(cfg) if name in (None, _CSV_DEFAULT_NAME) else name)
     if (path := resolve_checkpoint(which, _get(cfg, "checkpoint.dirpath"), log_dir)) is None:
         raise UsageError(f"ckpt_path={which}: no earlier run with a loadable last.ckpt under "
                          f"{_get(cfg, 'checkpoint.dirpath') or log_dir} (pass the training config, or a .ckpt path)")
@@ -99,7 +103,7 @@ class TokenFormerCLI(LightningCLI):
         self.given_model = {k: _plain(v) for k, v in (_plain(cfg.get("model")) or {}).items()}
         logger = _get(cfg, "trainer.logger")
         if isinstance(logger, Namespace) and "CSVLogger" in str(logger.get("class_path")) \
-                and _get(logger, "init_args.name", "lightning_logs") == "lightning_logs":
+                and _get(logger, "init_args.name", _CSV_DEFAULT_NAME) == _CSV_DEFAULT_NAME:
             logger.init_args.name = _run_name(cfg)
         if (which := cfg.get("ckpt_path")) not in ("last", "best"):
             return

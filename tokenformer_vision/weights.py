@@ -38,15 +38,26 @@ def _imported_globals(path: Path) -> list[str]:
     """The ``module.name`` globals a pickle (plain or inside torch's zip format) imports, read without running it."""
     with contextlib.suppress(Exception):  # not torch's zip format: scan the raw pickle's opcodes below
         return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    found, strings = [], []
+    # STACK_GLOBAL takes module and name from the stack; pickle pushes a repeated string from its memo (BINGET), so
+    # follow the memo too, else the second global of a module would be named after the wrong strings.
+    found, strings, memo, top = [], [], {}, None  # top: the string the last opcode pushed, else None
     with contextlib.suppress(Exception), open(path, "rb") as f:  # truncated or not a pickle: what was found so far
         for op, arg, _ in pickletools.genops(f):
+            if op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):  # the stack is unchanged
+                memo[len(memo) if op.name == "MEMOIZE" else arg] = top
+                continue
+            pushed = None
             if op.name == "GLOBAL":
                 found.append(str(arg).replace(" ", "."))
             elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
                 found.append(".".join(strings[-2:]))
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed = memo.get(arg)
             elif isinstance(arg, str):
-                strings.append(arg)
+                pushed = arg
+            if pushed is not None:
+                strings.append(pushed)
+            top = pushed
     return [g for g in dict.fromkeys(found) if not _TENSOR_GLOBALS.match(g)]
 
 

@@ -77,8 +77,8 @@ def settings(dry: bool) -> dict[str, Any]:
             fashion_mnist=dict(
                 bench=["--suites", "parity", "recipe", "gpu_recipe", "--seeds", "0", "1", "2", "--widths", "64",
                        "128", "--epochs", "12", "--jobs", "5", "--workers", "1", "--deadline-s", "330"],
-                growth=["--seeds", "0", "1", "2", "--epochs", "16", "--jobs", "4", "--workers", "1",
-                        "--deadline-s", "330"]),
+                growth=["--seeds", "0", "1", "2", "--epochs", "16", "--patch-size", "4", "--jobs", "4",
+                        "--workers", "1", "--deadline-s", "330"]),
         )
     return dict(
         # one thread per process: on a small shared CPU, OpenMP spin-waiting across busy cores costs up to 20x
