@@ -24,7 +24,7 @@ per block). For the routed models, the Pearson correlation between a patch's dep
 pixel variance, raw and within patch position.
 
     # the defaults (d 48, 4 blocks, 40² at patch 4 = 100 patches, 3 seeds × (10 + 1) epochs, two runs at a time):
-    # the table of docs/benchmarks.md, 70 min on a shared 2-core CPU
+    # the table of docs/benchmarks.md, 73 min on an idle 2-core CPU
     OMP_NUM_THREADS=1 python scripts/benchmarks/bench_token_reduction.py --jobs 2 --threads 1 \\
         --save-weights /tmp/tr_weights --out-dir docs/benchmarks
     # the table again from the saved weights (no training: evaluation and timing only, a few minutes)
