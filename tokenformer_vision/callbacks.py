@@ -176,7 +176,7 @@ class GrowthCallback(Callback):
         for index in (i for i, done in enumerate(self.done) if not done):
             self._stage_token_counts(pl_module, index)
         self._warn_unreachable(trainer)
-        self._install_rewarm(trainer, pl_module)
+        self._install_step_hooks(trainer, pl_module)
 
     def _warn_unreachable(self, trainer: pl.Trainer) -> None:
         """Warn of stages that this fit ends before: at or after ``max_epochs``, or the last optimizer step."""
@@ -266,9 +266,9 @@ class GrowthCallback(Callback):
         rank_zero_info(f"GrowthCallback: stage {index} at step {step} (epoch {epoch}): tokens {before}→{after}, "
                        f"params {params_before:,}→{params_after:,}, max |Δlogits| {delta:.3g}")
 
-    def _install_rewarm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The LR is scaled only during each optimizer step: LR schedulers, which step after it and may read the LR,
-        # never see the scaled value. Installed at train start, so step hooks that users add later see it.
+    def _install_step_hooks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Re-warm and new_token_lr_scale act inside each optimizer step: LR schedulers, which step after it and may
+        # read the LR, never see the scaled value. Installed at train start, so step hooks users add later see it.
         if self._hooks:
             return
         saved: dict[int, list[float]] = {}

@@ -350,15 +350,19 @@ class ImageClassifier(LightningModule):
             raise ValueError("ImageClassifier: warmup_epochs needs a train dataloader with a length; use warmup_steps")
         return round(self.hparams.warmup_epochs * max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)))
 
+    def _schedule_length(self) -> tuple[int, int]:
+        """(warm-up steps, total optimizer steps) of the schedule, for the trainer's current length."""
+        steps = int(self.trainer.estimated_stepping_batches)  # first: it also sets up the train dataloader
+        warmup = self.warmup_steps_total()
+        return warmup, max(steps, warmup + 1)
+
     def configure_optimizers(self) -> dict[str, Any]:
         """The optimizer over :meth:`param_groups`, and per step a linear warm-up from ``lr / warmup`` to ``lr``, then
         a half cosine down to ``min_lr`` at the trainer's last step."""
         hp, groups = self.hparams, self.param_groups()
         optimizer = (self.optimizer_fn(groups) if self.optimizer_fn is not None else
                      torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay))
-        steps = int(self.trainer.estimated_stepping_batches)  # first: it also sets up the train dataloader
-        warmup = self.warmup_steps_total()
-        total = max(steps, warmup + 1)
+        warmup, total = self._schedule_length()
         self._cosine = CosineAnnealingLR(optimizer, T_max=total - warmup,
                                          eta_min=min(hp.min_lr, optimizer.param_groups[0]["lr"]))
         scheduler: LRScheduler = self._cosine
@@ -379,8 +383,7 @@ class ImageClassifier(LightningModule):
         if self._resumed_rng_states is not None:  # not earlier: loading the checkpoint draws random numbers
             _set_rng_states(self._resumed_rng_states)
             self._resumed_rng_states = None
-        cosine, warmup = self._cosine, self.warmup_steps_total()
-        total = max(int(self.trainer.estimated_stepping_batches), warmup + 1)
+        cosine, (warmup, total) = self._cosine, self._schedule_length()
         if cosine.T_max != total - warmup:
             log.warning("ImageClassifier: the LR schedule of the checkpoint ends at step %d; this run ends at step %d:"
                         " the cosine now follows the new length", cosine.T_max + warmup, total)
