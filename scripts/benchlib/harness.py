@@ -10,8 +10,9 @@ result.history[-1]["val/acc1"], result.test["test/acc1"], result.train_images_pe
 Per epoch it records the validation metrics, optionally the test split's accuracy (``test_every_epoch``: the same
 ``eval_model`` the classifier validates with), the cumulative training wall time (validation excluded), the main
 process' CPU time, images and optimizer steps so far, the parameter count in force and the training FLOPs so far,
-measured by ``torch.utils.flop_counter.FlopCounterMode`` on one training step of the model as it then is (so a
-growth stage changes the per-image cost from the next step on). At the end ``Trainer.test`` gives the test metrics.
+measured by ``torch.utils.flop_counter.FlopCounterMode`` on one training step of the model as it then is, at the
+start of every epoch and whenever the parameter count changes (so a growth stage changes the per-image cost from
+the next step on). At the end ``Trainer.test`` gives the test metrics.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class EpochRecorder(L.Callback):
         self._flops_per_image: float | None = None
         self._params: int | None = None
         self._mark: tuple[float, float] | None = None
+        self._recheck = False
 
     def _start(self) -> None:
         self._mark = (time.perf_counter(), time.process_time())
@@ -66,11 +68,19 @@ class EpochRecorder(L.Callback):
     def _cost(self, pl_module: L.LightningModule, images: torch.Tensor) -> float:
         params = sum(p.numel() for p in pl_module.model.parameters())
         if params != self._params:  # first step, or the model grew: measure the new per-image cost
-            self._params = params
+            self._params, self._recheck = params, False
             self._flops_per_image = training_flops_per_image(pl_module.model, images.shape[1:], images.device)
+        elif self._recheck:
+            # an epoch boundary, where a callback may change the cost without adding parameters (blocks switched
+            # on, a training resolution); under a forked RNG, so that the training's random stream is unchanged
+            self._recheck = False
+            cuda = [images.device] if images.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                self._flops_per_image = training_flops_per_image(pl_module.model, images.shape[1:], images.device)
         return self._flops_per_image  # type: ignore[return-value]
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._recheck = True
         self._start()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

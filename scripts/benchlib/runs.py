@@ -2,7 +2,8 @@
 :func:`benchlib.harness.train_eval` in worker processes (one run per process, results streamed to a JSON file).
 
 A run spec is a plain dict (so it crosses process boundaries): ``name``, ``model_name``, ``model_kwargs``,
-``seed``, optionally ``growth`` (GrowthCallback stages), ``rewarm_steps``, ``test_every_epoch`` and
+``seed``, optionally ``growth`` (GrowthCallback stages), ``rewarm_steps``, ``depth_growth``,
+``progressive_resolution`` and ``new_rows_warmup`` (:mod:`benchlib.growth_levers` arguments), ``test_every_epoch`` and
 ``overrides`` (values that replace the script's arguments for this run, e.g. ``epochs``, ``batch_size``,
 ``precision``); the recipe (:func:`recipe`) and the data settings come from the arguments.
 """
@@ -99,6 +100,7 @@ def run_spec(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from tokenformer_vision import GrowthCallback, ImageClassifier
     from tokenformer_vision.data import FASHION_MNIST_CLASSES, IDXDataModule
 
+    from .growth_levers import DepthGrowth, NewRowsWarmup, ProgressiveResolution
     from .harness import inference_images_per_s, train_eval
 
     warnings.filterwarnings("ignore")
@@ -116,11 +118,17 @@ def run_spec(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         return ImageClassifier(spec["model_name"], num_classes=10, img_size=28, model_kwargs=spec["model_kwargs"],
                                **{**recipe(args), **spec.get("classifier", {})})
 
-    callbacks = []
+    callbacks: list = []
+    if spec.get("depth_growth"):  # before GrowthCallback: blocks switched on first, then all widened together
+        callbacks.append(DepthGrowth(**spec["depth_growth"]))
+    if spec.get("progressive_resolution"):
+        callbacks.append(ProgressiveResolution(**spec["progressive_resolution"]))
     if spec.get("growth"):
         callbacks.append(GrowthCallback(spec["growth"], rewarm_steps=spec.get("rewarm_steps", 0),
                                         seed=spec["seed"], second_moment=spec.get("second_moment", "mean"),
                                         new_token_lr_scale=spec.get("new_token_lr_scale", 1.0)))
+        if spec.get("new_rows_warmup"):
+            callbacks.append(NewRowsWarmup(callbacks[-1], spec["new_rows_warmup"]))
     limits = {"limit_train_batches": args.limit_train_batches} if args.limit_train_batches else {}
     if args.limit_train_batches:
         limits.update(limit_val_batches=2, limit_test_batches=2)
@@ -129,9 +137,8 @@ def run_spec(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                         gradient_clip_val=spec.get("gradient_clip_val", 1.0),
                         test_every_epoch=spec.get("test_every_epoch", False), keep_module=True, **limits)
     out = {"spec": spec, **result.summary(), "device": device}
-    if callbacks:
-        out["growth_events"] = [{k: v for k, v in e.items() if isinstance(v, (int, float, str))}
-                                for e in callbacks[0].events]
+    if events := [e for c in callbacks for e in getattr(c, "events", [])]:
+        out["growth_events"] = [{k: v for k, v in e.items() if isinstance(v, (int, float, str))} for e in events]
     net = result.module.eval_model
     out["inference_images_per_s_in_run"] = inference_images_per_s(net, (1, 28, 28), device)
     if getattr(args, "save_weights", None):

@@ -23,10 +23,13 @@ the fraction of the unrouted model's token-block operations executed (TLOps, exa
 per block). For the routed models, the Pearson correlation between a patch's depth (blocks it went through) and its
 pixel variance, raw and within patch position.
 
-    # the defaults (d 48, 4 blocks, 40² at patch 4 = 100 patches, 3 seeds × (10 + 1) epochs, two runs at a time):
-    # the table of docs/benchmarks.md, 73 min on an idle 2-core CPU
+    # the defaults (d 48, 4 blocks, 40² at patch 4 = 100 patches, 3 seeds × (6 + 1) epochs, two runs at a time):
+    # the table of docs/benchmarks.md, 57 min on an idle 2-core CPU (--epochs 10: the 10 + 1 table, 73 min)
     OMP_NUM_THREADS=1 python scripts/benchmarks/bench_token_reduction.py --jobs 2 --threads 1 \\
         --save-weights /tmp/tr_weights --out-dir docs/benchmarks
+    # one method alone, e.g. threshold routing at 0.6 without annealing, from saved base and unrouted weights
+    python scripts/benchmarks/bench_token_reduction.py --from-weights /tmp/tr_ablation --targets 0.6 --capacities \\
+        --merge-rates --anneal 0 --out-dir /tmp/tr_ablation_out --name threshold_ablation
     # the table again from the saved weights (no training: evaluation and timing only, a few minutes)
     python scripts/benchmarks/bench_token_reduction.py --from-weights /tmp/tr_weights --out-dir docs/benchmarks
     # GPU-sized: converged models
@@ -276,7 +279,7 @@ def summarise(runs: dict[tuple[str, str], list[dict]], times: dict, args: argpar
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_recipe_args(parser, epochs=10)
+    add_recipe_args(parser, epochs=6)
     parser.set_defaults(patch_size=4, depth=4, jobs=2, workers=0, lr=2e-3, warmup_epochs=0.5)
     parser.add_argument("--img-size", type=int, default=40,
                         help="input size (Fashion-MNIST resized once; 40 at patch 4: 100 patches)")
@@ -289,13 +292,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--finetune-lr", type=float, default=5e-4)
     parser.add_argument("--routed-from", choices=["unrouted", "scratch"], default="unrouted",
                         help="routed rows: fine-tuned from the base model, or trained from scratch")
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.75, 0.6], help="threshold routing_target")
+    parser.add_argument("--targets", type=float, nargs="*", default=[0.75, 0.6], help="threshold routing_target")
     parser.add_argument("--anneal", type=float, default=0.5,
                         help="threshold routing: fraction of the routed training over which the target is annealed")
     parser.add_argument("--min-fraction", type=float, default=0.25,
                         help="threshold routing: per-block minimum fraction of patch tokens processed")
-    parser.add_argument("--capacities", type=float, nargs="+", default=[0.75, 0.5])
-    parser.add_argument("--merge-rates", type=int, nargs="+", default=[8, 12, 16, 20, 24])
+    parser.add_argument("--capacities", type=float, nargs="*", default=[0.75, 0.5])
+    parser.add_argument("--merge-rates", type=int, nargs="*", default=[8, 12, 16, 20, 24])
     parser.add_argument("--infer-batch", type=int, default=128)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)

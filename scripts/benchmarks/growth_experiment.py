@@ -21,7 +21,13 @@ Arms (same recipe, data order and seed; only the token counts in force differ):
   small            small widths all along;
   grow_1/4_rewarm  small, grown to large at the start of epoch ⌈E/4⌉, LR re-warmed over ``--rewarm-steps``;
   grow2            two stages: small → mid at 1/4, mid → large at 1/2, each re-warmed;
-  grow_1/2         small, grown to large at 1/2, no re-warm (``--arms`` adds it).
+  grow_1/2         small, grown to large at 1/2, no re-warm (``--arms`` adds it, like the three below);
+  large_lowres     large, trained at ``--low-res``² until E/2 (progressive resolution, ``ProgressiveResolution``);
+  grow_1/4_lowres  grow_1/4_rewarm, at ``--low-res``² until E/2;
+  grow_1/4_depth   grow_1/4_rewarm from ``--start-depth`` of the blocks: the others are switched on as identity
+                   blocks at the growth, then all widened (depth and width growth, ``DepthGrowth``);
+  grow_1/4_newwarm grow_1/4_rewarm where only the new rows move for ``--new-rows-warmup`` steps after the growth
+                   (``NewRowsWarmup``).
 Training FLOPs are counted by ``torch.utils.flop_counter`` on a training step at the widths in force (the harness
 re-measures after each growth) times the images seen; wall time is the training batches only. Test accuracy is
 measured after every epoch, so "reach" is: the first epoch whose test top-1 ≥ large's final test top-1, and the
@@ -31,6 +37,7 @@ cumulative FLOPs / wall time there as ratios to large's totals (goal: ≤ 0.50×
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -51,23 +58,32 @@ def stage(epoch: int, widths: list[int]) -> dict[str, int]:
 def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every arm × seed of ``args`` (seed-major, so a cut-off run keeps whole seeds)."""
     E, quarter, half = args.epochs, max(1, math.ceil(args.epochs / 4)), max(1, math.ceil(args.epochs / 2))
-    arms = {
-        "large": (args.large, [], 0),
-        "small": (args.small, [], 0),
-        "grow_1/4_rewarm": (args.small, [stage(quarter, args.large)], args.rewarm_steps),
-        "grow2": (args.small, [stage(quarter, args.mid), stage(half, args.large)], args.rewarm_steps),
-        "grow_1/2": (args.small, [stage(half, args.large)], 0),
+    low_res = {"progressive_resolution": {"size": args.low_res, "until": half}}
+    depth = {"depth_growth": {"epoch": quarter, "start_depth": args.start_depth}}
+    arms = {  # start widths, growth stages, re-warm steps, extra spec entries (benchlib.growth_levers)
+        "large": (args.large, [], 0, {}),
+        "small": (args.small, [], 0, {}),
+        "grow_1/4_rewarm": (args.small, [stage(quarter, args.large)], args.rewarm_steps, {}),
+        "grow2": (args.small, [stage(quarter, args.mid), stage(half, args.large)], args.rewarm_steps, {}),
+        "grow_1/2": (args.small, [stage(half, args.large)], 0, {}),
+        "large_lowres": (args.large, [], 0, low_res),
+        "grow_1/4_lowres": (args.small, [stage(quarter, args.large)], args.rewarm_steps, low_res),
+        "grow_1/4_depth": (args.small, [stage(quarter, args.large)], args.rewarm_steps, depth),
+        "grow_1/4_newwarm": (args.small, [stage(quarter, args.large)], args.rewarm_steps,
+                             {"new_rows_warmup": args.new_rows_warmup}),
     }
-    assert all(s["epoch"] < E for _, sched, _ in arms.values() for s in sched)
+    assert all(s["epoch"] < E for _, sched, _, _ in arms.values() for s in sched)
     out = []
     for seed in args.seeds:
         for name in args.arms:
-            start, schedule, rewarm = arms[name]
-            out.append(tokenformer_spec(f"growth_{name}", args.width, start[0], start[1], seed, args,
-                                        arm=name, growth=schedule, rewarm_steps=rewarm, test_every_epoch=True,
-                                        second_moment=args.second_moment,
-                                        new_token_lr_scale=args.new_token_lr_scale,
-                                        overrides={"epochs": args.epochs}))
+            start, schedule, rewarm, extra = arms[name]
+            kwargs = {"dynamic_img_size": True} if "progressive_resolution" in extra else {}
+            spec = tokenformer_spec(f"growth_{name}", args.width, start[0], start[1], seed, args,
+                                    arm=name, growth=schedule, rewarm_steps=rewarm, test_every_epoch=True,
+                                    second_moment=args.second_moment, new_token_lr_scale=args.new_token_lr_scale,
+                                    overrides={"epochs": args.epochs}, **extra)
+            spec["model_kwargs"].update(kwargs)
+            out.append(spec)
     return out
 
 
@@ -126,7 +142,8 @@ def plot(results: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     colours = {"large": "tab:blue", "small": "tab:gray", "grow_1/4_rewarm": "tab:orange", "grow2": "tab:green",
-               "grow_1/2": "tab:red"}
+               "grow_1/2": "tab:red", "large_lowres": "tab:cyan", "grow_1/4_lowres": "tab:purple",
+               "grow_1/4_depth": "tab:brown", "grow_1/4_newwarm": "tab:olive"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     seen = set()
     for run in results["runs"]:
@@ -162,8 +179,14 @@ def add_growth_args(parser: argparse.ArgumentParser) -> None:
                         help="GrowthCallback second_moment: Adam's second moment of the new rows")
     parser.add_argument("--new-token-lr-scale", type=float, default=1.0,
                         help="GrowthCallback new_token_lr_scale: the new rows' learning rate, times the schedule's")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=["large", "small", "grow_1/4_rewarm",
-                                                                          "grow2", "grow_1/2"])
+    parser.add_argument("--low-res", type=int, default=21,
+                        help="*_lowres arms: training resolution until E/2 (21 at patch 7: 3×3 patches)")
+    parser.add_argument("--start-depth", type=int, default=3, help="grow_1/4_depth: blocks trained before growth")
+    parser.add_argument("--new-rows-warmup", type=int, default=100,
+                        help="grow_1/4_newwarm: optimizer steps after growth in which only the new rows move")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS),
+                        choices=["large", "small", "grow_1/4_rewarm", "grow2", "grow_1/2", "large_lowres",
+                                 "grow_1/4_lowres", "grow_1/4_depth", "grow_1/4_newwarm"])
 
 
 def main() -> None:
@@ -172,11 +195,21 @@ def main() -> None:
     parser.set_defaults(patch_size=7, jobs=2, workers=0)
     add_growth_args(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--reference", default=None,
+                        help="an earlier JSON of this script whose --reference-arms runs are reused (wall× then "
+                             "compares two runs of the machine)")
+    parser.add_argument("--reference-arms", nargs="+", default=["large"])
     parser.add_argument("--out", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
     header = {"command": " ".join(sys.argv), "args": vars(args), "machine": machine_info(args.device)}
     results = run_all(specs(args), args, args.out, header)
+    if args.reference:  # runs of an earlier JSON for the arm × seed pairs not run now (deterministic on a CPU)
+        have = {(r["spec"].get("arm"), r["spec"]["seed"]) for r in results["runs"]}
+        reference = json.loads(Path(args.reference).read_text())["runs"]
+        results["runs"] += [{**r, "from_reference": args.reference} for r in reference
+                            if r["spec"].get("arm") in args.reference_arms and r["spec"]["seed"] in args.seeds
+                            and (r["spec"]["arm"], r["spec"]["seed"]) not in have]
     results["summary"] = summarise(results)
     results["markdown"] = markdown(results["summary"])
     write_json(args.out, results)
