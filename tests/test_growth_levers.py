@@ -1,5 +1,6 @@
-"""The growth levers of the growth benchmark (scripts/benchlib/growth_levers.py): depth growth preserves the
-function exactly and trains only the blocks in force; progressive resolution trains at the smaller size only."""
+"""The growth levers of the growth benchmark: depth growth (scripts/benchlib/growth_levers.py) preserves the
+function exactly and trains only the blocks in force; the new-rows warm-up moves only the appended rows;
+progressive resolution (tokenformer_vision.callbacks) trains at the smaller size only, inside a real fit too."""
 
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ import torch
 import tokenformer_vision  # noqa: F401  (registers the models)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from benchlib.growth_levers import DepthGrowth, NewRowsWarmup, ProgressiveResolution, spread  # noqa: E402
+from benchlib.growth_levers import DepthGrowth, NewRowsWarmup, spread  # noqa: E402
+
+from tokenformer_vision.callbacks import ProgressiveResolution  # noqa: E402
 
 
 def tiny(**kwargs) -> torch.nn.Module:
@@ -78,10 +81,14 @@ def test_depth_growth_leaves_the_pending_blocks_alone_under_adamw():
 
 def test_progressive_resolution_trains_small_and_evaluates_at_full_size():
     with pytest.raises(ValueError, match="dynamic_img_size"):
-        ProgressiveResolution(8, until=1).setup(None, SimpleNamespace(model=tiny()), "fit")
+        ProgressiveResolution(8, until_epoch=1).setup(None, SimpleNamespace(model=tiny()), "fit")
+    with pytest.raises(ValueError, match="multiple of the patch size 4"):
+        ProgressiveResolution(10, until_epoch=1).setup(None, SimpleNamespace(model=tiny(dynamic_img_size=True)), "fit")
+    with pytest.raises(ValueError, match="ints ≥ 1"):
+        ProgressiveResolution(8, until_epoch=0)
     net = tiny(dynamic_img_size=True)
     module = SimpleNamespace(model=net)
-    lever = ProgressiveResolution(8, until=1)
+    lever = ProgressiveResolution(8, until_epoch=1)
     lever.setup(None, module, "fit")
     seen = []
     net.patch_embed.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
@@ -96,6 +103,34 @@ def test_progressive_resolution_trains_small_and_evaluates_at_full_size():
     lever.on_train_epoch_start(SimpleNamespace(current_epoch=0), module)
     net.train()(x)
     assert seen[-1] == (16, 16)
+
+
+def test_progressive_resolution_in_a_fit_trains_the_first_epochs_small(tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tokenformer_vision import ImageClassifier
+
+    def loader() -> DataLoader:
+        return DataLoader(TensorDataset(torch.randn(32, 1, 16, 16), torch.arange(32).remainder(5)), batch_size=8)
+
+    module = ImageClassifier("tokenformer_tiny", num_classes=5, img_size=16, model_kwargs=dict(
+        patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, attn_tokens=8, ffn_tokens=16,
+        dynamic_img_size=True))
+    sizes: dict[tuple[bool, int], set] = {}
+
+    class Spy(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            def record(m, args):
+                sizes.setdefault((m.training, trainer.current_epoch), set()).add(args[0].shape[-1])
+            pl_module.model.patch_embed.register_forward_pre_hook(record)
+
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[ProgressiveResolution(8, until_epoch=2), Spy()], default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=loader(), val_dataloaders=loader())
+    assert sizes[(True, 0)] == sizes[(True, 1)] == {8} and sizes[(True, 2)] == {16}
+    assert all(v == {16} for (training, _), v in sizes.items() if not training)
 
 
 def test_new_rows_warmup_moves_only_the_appended_rows_for_its_steps():

@@ -1,7 +1,8 @@
 """Training callbacks. :class:`GrowthCallback` grows the model on a schedule inside ``Trainer.fit`` with
 :func:`tokenformer_vision.growth.grow_training_state`, adding DDP re-wrap, LR re-warm, exactness check and logging.
 :class:`NonFiniteGuard` skips (or stops at) optimizer steps whose loss or gradients are not finite;
-:class:`EMACallback` keeps an exponential moving average of the weights."""
+:class:`EMACallback` keeps an exponential moving average of the weights; :class:`ProgressiveResolution` trains on
+smaller images first."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -21,7 +23,8 @@ from torch import nn
 
 from .growth import SecondMoment, grow_training_state
 
-__all__ = ["EMACallback", "GrowthCallback", "GrowthStage", "NonFiniteGuard", "validate_schedule"]
+__all__ = ["EMACallback", "GrowthCallback", "GrowthStage", "NonFiniteGuard", "ProgressiveResolution",
+           "validate_schedule"]
 
 log = logging.getLogger(__name__)
 _STAGE_KEYS = {"step", "epoch", "attn_tokens", "ffn_tokens", "rewarm_steps"}
@@ -372,3 +375,61 @@ class EMACallback(Callback):
         if ema is not None and trainer.global_step != self._updated_at:
             ema.update(getattr(pl_module, self.model_attr), step=trainer.global_step)
             self._updated_at = trainer.global_step
+
+
+class ProgressiveResolution(Callback):
+    """Progressive input resolution: the training batches of epochs ``< until_epoch`` are resized to ``size``²
+    (bilinear, antialiased) before they reach the model; later epochs, validation, test and predict see the data
+    at its own size. Fewer patches per image make those epochs cheaper (at 21² instead of 28² in 7-pixel patches:
+    9 patches instead of 16, 0.59× the FLOPs), and combined with growth it starts the small model cheaper still
+    (docs/benchmarks.md, growth levers).
+
+    The model needs ``dynamic_img_size=True`` (timm then resamples the position embedding to the smaller grid)
+    and ``size`` a multiple of the patch size (or ``dynamic_img_pad=True``). The resize is a forward pre-hook on
+    ``pl_module.<model_attr>`` in training mode, so the data pipeline and its augmentation stay as they are; the
+    epoch decides, so a resumed fit picks the right size.
+    """
+
+    def __init__(self, size: int, until_epoch: int, model_attr: str = "model") -> None:
+        if not _is_int(size, 1) or not _is_int(until_epoch, 1):
+            raise ValueError(f"ProgressiveResolution: size and until_epoch must be ints ≥ 1, got {size!r}, "
+                             f"{until_epoch!r}")
+        self.size, self.until_epoch, self.model_attr = size, until_epoch, model_attr
+        self._state = {"active": False}
+        self._hook: Any = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self._hook is not None:
+            return
+        net = getattr(pl_module, self.model_attr, None)
+        net = getattr(net, "_orig_mod", net)
+        embed = getattr(net, "patch_embed", None)
+        if embed is None or not getattr(net, "dynamic_img_size", False):
+            raise ValueError(f"ProgressiveResolution: {type(pl_module).__name__}.{self.model_attr} must be a ViT built "
+                             "with dynamic_img_size=True (e.g. model_kwargs: {dynamic_img_size: true}), so that it "
+                             "accepts the smaller images")
+        patch = embed.patch_size[0]
+        if self.size % patch and not getattr(embed, "dynamic_img_pad", False):
+            raise ValueError(f"ProgressiveResolution: size {self.size} is not a multiple of the patch size {patch} "
+                             "(the ragged edge would be dropped); pick a multiple or build with dynamic_img_pad=True")
+        state, size = self._state, (self.size, self.size)
+
+        def resize(module: nn.Module, args: tuple) -> tuple | None:
+            # a closure over shared state, not a method: a deep copy of the model (FLOP counters) resizes alike
+            if not (module.training and state["active"]) or tuple(args[0].shape[-2:]) == size:
+                return None
+            images = F.interpolate(args[0], size=size, mode="bilinear", antialias=True, align_corners=False)
+            return (images, *args[1:])
+
+        self._hook = net.register_forward_pre_hook(resize)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._state["active"] = trainer.current_epoch < self.until_epoch
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._state["active"] = False
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None

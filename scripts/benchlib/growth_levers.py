@@ -1,6 +1,7 @@
-"""Two growth levers measured by ``growth_experiment.py`` before either earns a place in the library: growing depth
-(:class:`DepthGrowth`) and progressive input resolution (:class:`ProgressiveResolution`). Both are Lightning
-callbacks that work next to :class:`tokenformer_vision.GrowthCallback` on the same ``ImageClassifier``.
+"""Two growth levers that ``growth_experiment.py`` measured and that did not pay there, so they stay out of the
+library: growing depth (:class:`DepthGrowth`) and a warm-up of the new rows alone (:class:`NewRowsWarmup`). Both are
+Lightning callbacks that work next to :class:`tokenformer_vision.GrowthCallback` on the same ``ImageClassifier``.
+(Progressive resolution, which did pay, is :class:`tokenformer_vision.callbacks.ProgressiveResolution`.)
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -82,43 +82,6 @@ class DepthGrowth(L.Callback):
         out = net(self._probe.to(next(net.parameters()).device)).float()
         net.train(was_training)
         return out
-
-
-class ProgressiveResolution(L.Callback):
-    """Trains on images resized to ``size`` pixels until epoch ``until``, at the data's own size afterwards
-    (validation and test always at the data's size). The resize is a forward pre-hook of the model in training mode
-    (bilinear, antialiased), so the data pipeline is untouched; the model needs ``dynamic_img_size=True`` (timm then
-    resamples the position embedding to the smaller grid)."""
-
-    def __init__(self, size: int, until: int) -> None:
-        self.size, self.until = size, until
-        self._state = {"active": True}
-        self._hook: Any = None
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or self._hook is not None:
-            return
-        net = pl_module.model
-        if not getattr(net, "dynamic_img_size", False):
-            raise ValueError("ProgressiveResolution needs a model built with dynamic_img_size=True")
-        state, size = self._state, (self.size, self.size)
-
-        def resize(module: nn.Module, args: tuple) -> tuple | None:
-            # a closure, not a method: the FLOP counter's deep copy of the model shares this state
-            if not (module.training and state["active"]) or tuple(args[0].shape[-2:]) == size:
-                return None
-            return (F.interpolate(args[0], size=size, mode="bilinear", antialias=True, align_corners=False),
-                    *args[1:])
-
-        self._hook = net.register_forward_pre_hook(resize)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._state["active"] = trainer.current_epoch < self.until
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
 
 
 class NewRowsWarmup(L.Callback):

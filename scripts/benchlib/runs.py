@@ -3,7 +3,8 @@
 
 A run spec is a plain dict (so it crosses process boundaries): ``name``, ``model_name``, ``model_kwargs``,
 ``seed``, optionally ``growth`` (GrowthCallback stages), ``rewarm_steps``, ``depth_growth``,
-``progressive_resolution`` and ``new_rows_warmup`` (:mod:`benchlib.growth_levers` arguments), ``test_every_epoch`` and
+``progressive_resolution`` and ``new_rows_warmup`` (:mod:`benchlib.growth_levers` and
+``tokenformer_vision.callbacks.ProgressiveResolution`` arguments), ``test_every_epoch`` and
 ``overrides`` (values that replace the script's arguments for this run, e.g. ``epochs``, ``batch_size``,
 ``precision``); the recipe (:func:`recipe`) and the data settings come from the arguments.
 """
@@ -98,9 +99,10 @@ def run_spec(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from tokenformer_vision import GrowthCallback, ImageClassifier
+    from tokenformer_vision.callbacks import ProgressiveResolution
     from tokenformer_vision.data import FASHION_MNIST_CLASSES, IDXDataModule
 
-    from .growth_levers import DepthGrowth, NewRowsWarmup, ProgressiveResolution
+    from .growth_levers import DepthGrowth, NewRowsWarmup
     from .harness import inference_images_per_s, train_eval
 
     warnings.filterwarnings("ignore")

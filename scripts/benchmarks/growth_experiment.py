@@ -58,7 +58,7 @@ def stage(epoch: int, widths: list[int]) -> dict[str, int]:
 def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every arm × seed of ``args`` (seed-major, so a cut-off run keeps whole seeds)."""
     E, quarter, half = args.epochs, max(1, math.ceil(args.epochs / 4)), max(1, math.ceil(args.epochs / 2))
-    low_res = {"progressive_resolution": {"size": args.low_res, "until": half}}
+    low_res = {"progressive_resolution": {"size": args.low_res, "until_epoch": half}}
     depth = {"depth_growth": {"epoch": quarter, "start_depth": args.start_depth}}
     arms = {  # start widths, growth stages, re-warm steps, extra spec entries (benchlib.growth_levers)
         "large": (args.large, [], 0, {}),
