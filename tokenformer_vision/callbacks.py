@@ -426,9 +426,6 @@ class ProgressiveResolution(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._state["active"] = trainer.current_epoch < self.until_epoch
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._state["active"] = False
-
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._hook is not None:
             self._hook.remove()

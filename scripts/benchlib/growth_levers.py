@@ -12,6 +12,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from tokenformer_vision.callbacks import _eval_logits  # GrowthCallback's exactness check, reused
+
 
 def spread(count: int, total: int) -> list[int]:
     """``count`` block indices spread evenly over ``range(total)``, the first included (3 of 6: 0, 2, 4)."""
@@ -64,24 +66,14 @@ class DepthGrowth(L.Callback):
         net = pl_module.model
         if trainer.current_epoch < self.epoch or not hasattr(net, "pending_blocks"):
             return
-        before = self._logits(net)
+        probe = None if self._probe is None else self._probe.to(next(net.parameters()).device)
+        before = None if probe is None else _eval_logits(net, probe)
         net.blocks = nn.Sequential(*self._order)
         del net.pending_blocks
-        after = self._logits(net)
-        delta = float("nan") if before is None else float((after - before).abs().max())
+        delta = float("nan") if probe is None else float((_eval_logits(net, probe) - before).abs().max())
         self.events.append({"kind": "depth", "epoch": trainer.current_epoch, "step": trainer.global_step,
                             "depth_before": self.start_depth, "depth_after": len(self._order),
                             "max_abs_dlogits": delta})
-
-    @torch.no_grad()
-    def _logits(self, net: nn.Module) -> torch.Tensor | None:
-        if self._probe is None:
-            return None
-        was_training = net.training
-        net.eval()
-        out = net(self._probe.to(next(net.parameters()).device)).float()
-        net.train(was_training)
-        return out
 
 
 class NewRowsWarmup(L.Callback):
